@@ -1,0 +1,253 @@
+"""MCN-CL, the whole model in one file (DESIGN.md §3).
+
+Encoders -> PSA over visual frames -> T layers of bidirectional triple-query
+cross-attention -> projection heads + classifier -> CE + weighted SupCon.
+
+The modules call their ops through `self.ops` (this package's reference ops);
+`mcncl_fast.Model` is the same model with `ops` set to the fast ops and two
+hooks overridden (`_pool_visual`, `_cross_attend`), so parameters and
+state_dict keys are shared by construction.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import ops as reference_ops
+
+MODALITIES = ("t", "a", "v")
+PARTNERS = {"t": ("a", "v"), "a": ("t", "v"), "v": ("t", "a")}
+
+
+@dataclass
+class ModelConfig:
+    text_dim: int = 768
+    audio_dim: int = 88
+    visual_dim: int = 1000
+    d_model: int = 256
+    num_layers: int = 4
+    num_heads: int = 8
+    ffn_mult: int = 4
+    proj_dim: int = 128
+    num_classes: int = 7
+    dropout: float = 0.1
+    kv_source: str = "input"
+    temperature: float = 0.07
+    hard_ratio: float = 0.3
+    alpha: float = 0.1
+    beta: float = 0.1
+    gamma: float = 0.1
+
+    def __post_init__(self):
+        for name in ("text_dim", "audio_dim", "visual_dim", "d_model", "num_layers", "num_heads",
+                     "ffn_mult", "proj_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"ModelConfig.{name}: expected a positive integer, got {value!r}")
+        if not isinstance(self.num_classes, int) or self.num_classes < 2:
+            raise ValueError(f"ModelConfig.num_classes: expected an integer >= 2, got {self.num_classes!r}")
+        if self.d_model % 4:
+            raise ValueError(f"ModelConfig.d_model: must be divisible by 4 (PSA branches), got {self.d_model}")
+        if self.d_model % self.num_heads:
+            raise ValueError(f"ModelConfig.d_model: must be divisible by num_heads={self.num_heads}, "
+                             f"got {self.d_model}")
+        if self.kv_source not in ("input", "layer"):
+            raise ValueError(f"ModelConfig.kv_source: expected 'input' or 'layer', got {self.kv_source!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"ModelConfig.dropout: expected a value in [0, 1), got {self.dropout!r}")
+        if not self.temperature > 0:
+            raise ValueError(f"ModelConfig.temperature: expected > 0, got {self.temperature!r}")
+        if not 0.0 < self.hard_ratio <= 1.0:
+            raise ValueError(f"ModelConfig.hard_ratio: expected a value in (0, 1], got {self.hard_ratio!r}")
+        for name in ("alpha", "beta", "gamma"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"ModelConfig.{name}: expected >= 0, got {getattr(self, name)!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "ModelConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"ModelConfig: unknown fields {sorted(unknown)}")
+        return cls(**values)
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor                              # [B, S, K]
+    loss: Optional[torch.Tensor] = None               # scalar
+    ce_loss: Optional[torch.Tensor] = None            # scalar
+    contrastive_loss: Optional[torch.Tensor] = None   # [3]: text, audio, visual
+    features: Optional[Dict[str, torch.Tensor]] = None  # fused F_m(T) [B, S, d] and projections z_m
+
+
+class PSA(nn.Module):
+    """Pyramid squeeze attention: 4 conv branches (k = 3, 5, 7, 9) on C/4 channels + SE gate."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        quarter = channels // 4
+        self.branches = nn.ModuleList(
+            nn.Conv1d(quarter, quarter, 2 * (s + 1) + 1, padding=s + 1) for s in range(4))
+        self.se = nn.Module()
+        self.se.fc1 = nn.Linear(channels, quarter)
+        self.se.fc2 = nn.Linear(quarter, channels)
+
+    def op_args(self):
+        return ([b.weight for b in self.branches], [b.bias for b in self.branches],
+                self.se.fc1.weight, self.se.fc1.bias, self.se.fc2.weight, self.se.fc2.bias)
+
+    def forward(self, x, frame_mask=None, ops=reference_ops):
+        return ops.psa(x, *self.op_args(), frame_mask=frame_mask)
+
+
+class MultiHeadAttention(nn.Module):
+    def __init__(self, d_model: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q_proj = nn.Linear(d_model, d_model)
+        self.k_proj = nn.Linear(d_model, d_model)
+        self.v_proj = nn.Linear(d_model, d_model)
+        self.out_proj = nn.Linear(d_model, d_model)
+
+    def split_heads(self, x):   # [B, S, d] -> [B, H, S, d/H]
+        b, s, d = x.shape
+        return x.view(b, s, self.num_heads, d // self.num_heads).transpose(1, 2)
+
+    def project(self, query, key_value):
+        return (self.split_heads(self.q_proj(query)), self.split_heads(self.k_proj(key_value)),
+                self.split_heads(self.v_proj(key_value)))
+
+    def merge(self, heads):     # [B, H, S, d/H] -> [B, S, d] -> out_proj
+        b, h, s, dh = heads.shape
+        return self.out_proj(heads.transpose(1, 2).reshape(b, s, h * dh))
+
+
+class CrossModalLayer(nn.Module):
+    """One stream of one MCN layer: two cross-attentions (partners p, q) and an FFN, post-norm."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d = cfg.d_model
+        self.attn = nn.ModuleList(MultiHeadAttention(d, cfg.num_heads) for _ in range(2))
+        self.norms = nn.ModuleList(nn.LayerNorm(d) for _ in range(3))
+        self.ffn = nn.Sequential(nn.Linear(d, cfg.ffn_mult * d), nn.ReLU(), nn.Dropout(cfg.dropout),
+                                 nn.Linear(cfg.ffn_mult * d, d))
+        self.dropout = nn.Dropout(cfg.dropout)
+
+
+class ProjectionHead(nn.Module):
+    def __init__(self, d_model: int, proj_dim: int):
+        super().__init__()
+        self.fc1 = nn.Linear(d_model, d_model)
+        self.fc2 = nn.Linear(d_model, proj_dim)
+
+    def forward(self, x):
+        return self.fc2(F.relu(self.fc1(x)))
+
+
+class Model(nn.Module):
+    ops = reference_ops
+
+    def __init__(self, config: Optional[ModelConfig] = None):
+        super().__init__()
+        cfg = self.config = config if config is not None else ModelConfig()
+        d = cfg.d_model
+        self.encoders = nn.ModuleDict({"t": nn.Linear(cfg.text_dim, d), "a": nn.Linear(cfg.audio_dim, d),
+                                       "v": nn.Linear(cfg.visual_dim, d)})
+        self.psa = PSA(d)
+        self.layers = nn.ModuleList(nn.ModuleDict({m: CrossModalLayer(cfg) for m in MODALITIES})
+                                    for _ in range(cfg.num_layers))
+        self.heads = nn.ModuleDict({m: ProjectionHead(d, cfg.proj_dim) for m in MODALITIES})
+        self.classifier = nn.Sequential(nn.Linear(3 * d, d), nn.ReLU(), nn.Linear(d, d), nn.ReLU(),
+                                        nn.Linear(d, d), nn.ReLU(), nn.Linear(d, cfg.num_classes))
+
+    # -- hooks the fast model overrides ------------------------------------------------
+    def _pool_visual(self, frames, frame_mask):
+        """frames [N, L, d] -> C_v [N, d]: masked mean over valid frames of PSA(frames)."""
+        return reference_ops.psa_pool(frames, *self.psa.op_args(), frame_mask=frame_mask)
+
+    def _cross_attend(self, attns: List[MultiHeadAttention], queries, keys, key_padding_mask):
+        """One cross-attention per stream (same shapes): returns the out-projected outputs."""
+        outs = []
+        for attn, query, key_value in zip(attns, queries, keys):
+            q, k, v = attn.project(query, key_value)
+            outs.append(attn.merge(self.ops.attention(q, k, v, key_padding_mask)))
+        return outs
+
+    # -- forward ----------------------------------------------------------------------
+    def encode(self, text, audio, visual, utterance_mask, frame_mask=None):
+        """Unimodal features C_t, C_a, C_v, each [B, S, d]."""
+        b, s, length, _ = visual.shape
+        frames = self.encoders["v"](visual).reshape(b * s, length, -1)
+        fm = None if frame_mask is None else frame_mask.reshape(b * s, length)
+        c_v = self._pool_visual(frames, fm).reshape(b, s, -1)
+        return {"t": self.encoders["t"](text), "a": self.encoders["a"](audio), "v": c_v}
+
+    def fuse(self, unimodal, utterance_mask):
+        """T layers of triple-query cross-attention; the three streams update in parallel."""
+        state = dict(unimodal)
+        for layer in self.layers:
+            kv = unimodal if self.config.kv_source == "input" else state
+            x = dict(state)
+            for sub in range(2):
+                outs = self._cross_attend([layer[m].attn[sub] for m in MODALITIES],
+                                          [x[m] for m in MODALITIES],
+                                          [kv[PARTNERS[m][sub]] for m in MODALITIES], utterance_mask)
+                for m, out in zip(MODALITIES, outs):
+                    x[m] = layer[m].norms[sub](x[m] + layer[m].dropout(out))
+            state = {m: layer[m].norms[2](x[m] + layer[m].dropout(layer[m].ffn(x[m]))) for m in MODALITIES}
+        return state
+
+    def forward(self, text, audio, visual, utterance_mask, frame_mask=None, labels=None) -> ModelOutput:
+        check_model_inputs(self.config, text, audio, visual, utterance_mask, frame_mask, labels)
+        fused = self.fuse(self.encode(text, audio, visual, utterance_mask, frame_mask), utterance_mask)
+        logits = self.classifier(torch.cat([fused[m] for m in MODALITIES], dim=-1))
+        projections = {m: self.heads[m](fused[m]) for m in MODALITIES}
+        features = {**{f"fused_{m}": fused[m] for m in MODALITIES},
+                    **{f"proj_{m}": projections[m] for m in MODALITIES}}
+        if labels is None:
+            return ModelOutput(logits=logits, features=features)
+        cfg = self.config
+        valid_labels = labels[utterance_mask]
+        # sum / count rather than mean: a batch with no valid utterance gives 0, not NaN
+        ce = F.cross_entropy(logits[utterance_mask].float(), valid_labels, reduction="sum") \
+            / max(valid_labels.numel(), 1)
+        z = torch.stack([projections[m][utterance_mask] for m in MODALITIES])      # [3, N, P]
+        contrastive = self.ops.supcon_hard_negative_loss(z, valid_labels, cfg.temperature, cfg.hard_ratio)
+        weights = torch.tensor([cfg.alpha, cfg.beta, cfg.gamma], device=contrastive.device)
+        return ModelOutput(logits=logits, loss=ce + (weights * contrastive).sum(), ce_loss=ce,
+                           contrastive_loss=contrastive, features=features)
+
+
+def check_model_inputs(cfg: ModelConfig, text, audio, visual, utterance_mask, frame_mask, labels):
+    from .._checks import check_mask, check_same_device, check_shape, check_tensor
+    check_tensor("text", text, ndim=3)
+    b, s, _ = text.shape
+    check_shape("text", text, (b, s, cfg.text_dim))
+    check_tensor("audio", audio, ndim=3)
+    check_shape("audio", audio, (b, s, cfg.audio_dim))
+    check_tensor("visual", visual, ndim=4)
+    if visual.shape[:2] != (b, s) or visual.shape[3] != cfg.visual_dim or visual.shape[2] < 1:
+        raise ValueError(f"visual: expected shape ({b}, {s}, L>=1, {cfg.visual_dim}), got {tuple(visual.shape)}")
+    check_same_device("text", text, audio=audio, visual=visual)
+    if utterance_mask is None:
+        raise ValueError("utterance_mask: required, a [B, S] bool tensor (True = real utterance)")
+    check_mask("utterance_mask", utterance_mask, (b, s), text.device)
+    check_mask("frame_mask", frame_mask, (b, s, visual.shape[2]), text.device)
+    if labels is not None:
+        check_tensor("labels", labels, ndim=2, dtypes=(torch.int64,))
+        check_shape("labels", labels, (b, s))
+        check_same_device("text", text, labels=labels)
+        if not torch.compiler.is_compiling():
+            valid = labels[utterance_mask]
+            if valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= cfg.num_classes):
+                raise ValueError(f"labels: expected class ids in [0, {cfg.num_classes}) at valid utterances, "
+                                 f"got values in [{int(valid.min())}, {int(valid.max())}]")
