@@ -1,0 +1,35 @@
+"""Test setup. TRITON_INTERPRET must be set before any @triton.jit module is imported.
+
+Without a GPU every Triton kernel runs through the interpreter on CPU tensors
+(DESIGN.md §6). On a GPU machine `pytest -m gpu` runs the same parity tests
+on CUDA; set MCNCL_TEST_INTERPRET=1 there to also run the interpreter tests.
+"""
+import os
+
+import pytest
+
+_HAS_CUDA_DRIVER = os.path.exists("/dev/nvidiactl") or os.path.exists("/proc/driver/nvidia")
+if not _HAS_CUDA_DRIVER or os.environ.get("MCNCL_TEST_INTERPRET") == "1":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+CUDA = torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    if CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (run `pytest -m gpu` on a GPU machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
