@@ -1,0 +1,92 @@
+"""Command line: `python -m mcncl_fast {train,evaluate} ...`.
+
+User mistakes (bad option values, missing or corrupt checkpoints, unreadable
+data files) are reported as one line on stderr with exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+from .data import DATASETS
+from .model import ModelConfig
+from .train import TrainConfig, UserError, evaluate, format_report, train
+
+# ModelConfig fields the data decides; everything else is a command-line option
+DATA_FIELDS = {"text_dim", "audio_dim", "visual_dim", "num_classes"}
+
+
+def _add_model_options(parser):
+    group = parser.add_argument_group("model hyper-parameters (ModelConfig)")
+    for f in fields(ModelConfig):
+        if f.name in DATA_FIELDS:
+            continue
+        kind = type(f.default)
+        extra = {"choices": ["input", "layer"]} if f.name == "kv_source" else {}
+        group.add_argument(f"--{f.name.replace('_', '-')}", dest=f"model_{f.name}", type=kind, default=None,
+                           metavar=kind.__name__.upper(), help=f"default {f.default}", **extra)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m mcncl_fast", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    d = TrainConfig()
+
+    tr = sub.add_parser("train", help="train a model and report on the test split")
+    tr.add_argument("--dataset", choices=DATASETS, default=d.dataset)
+    tr.add_argument("--data-path", default=None, help="data file or folder (real data sets)")
+    tr.add_argument("--synthetic-scale", type=float, default=d.synthetic_scale,
+                    help="size of the synthetic data set relative to MELD's dialogue counts")
+    tr.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:N")
+    tr.add_argument("--seed", type=int, default=d.seed)
+    tr.add_argument("--epochs", type=int, default=d.epochs)
+    tr.add_argument("--batch-size", type=int, default=d.batch_size, help="dialogues per batch")
+    tr.add_argument("--lr", type=float, default=d.lr)
+    tr.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    tr.add_argument("--grad-clip", type=float, default=d.grad_clip, help="max gradient norm, 0 = off")
+    tr.add_argument("--modalities", default=d.modalities, help="inputs used: any of t, a, v (others zeroed)")
+    tr.add_argument("--num-workers", type=int, default=d.num_workers)
+    tr.add_argument("--output-dir", default=d.output_dir)
+    tr.add_argument("--resume", default=None, metavar="CHECKPOINT", help="continue from a checkpoint (last.pt)")
+    _add_model_options(tr)
+
+    ev = sub.add_parser("evaluate", help="report the metrics of a saved model")
+    ev.add_argument("--checkpoint", required=True)
+    ev.add_argument("--split", choices=["train", "dev", "test"], default="test")
+    ev.add_argument("--device", default="auto")
+    ev.add_argument("--output", default=None, help="write the report as JSON here")
+    return parser
+
+
+def _train_config(args) -> TrainConfig:
+    model = {k[len("model_"):]: v for k, v in vars(args).items() if k.startswith("model_") and v is not None}
+    try:
+        ModelConfig(**model)  # validate hyper-parameters before loading any data
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    return TrainConfig(dataset=args.dataset, data_path=args.data_path, synthetic_scale=args.synthetic_scale,
+                       device=args.device, seed=args.seed, epochs=args.epochs, batch_size=args.batch_size,
+                       lr=args.lr, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
+                       output_dir=args.output_dir, modalities=args.modalities, num_workers=args.num_workers,
+                       model=model)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "train":
+            report = train(_train_config(args), resume=args.resume)
+            print(format_report(report))
+            print(f"best checkpoint: {report['checkpoint']}  report: {Path(args.output_dir) / 'report.json'}")
+        else:
+            report = evaluate(args.checkpoint, split=args.split, device=args.device, output=args.output)
+            print(format_report(report))
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
