@@ -16,6 +16,11 @@ from .._checks import check_attention_args, check_psa_args, check_supcon_args
 __all__ = ["psa", "psa_pool", "attention", "supcon_hard_negative_loss", "hard_negative_counts"]
 
 
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """16-bit and float32 inputs accumulate in float32; float64 stays float64 (gradcheck)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 # --------------------------------------------------------------------------- PSA
 def psa(x, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor],
         fc1_weight, fc1_bias, fc2_weight, fc2_bias, frame_mask=None):
@@ -52,7 +57,8 @@ def attention(q, k, v, key_padding_mask: Optional[torch.Tensor] = None, scale: O
     """softmax(q kᵀ · scale) v with key padding (True = attend); fully masked rows give 0."""
     check_attention_args(q, k, v, key_padding_mask, scale)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale   # [B, H, Lq, Lk]
+    acc = _accumulation_dtype(q.dtype)
+    scores = torch.matmul(q.to(acc), k.to(acc).transpose(-1, -2)) * scale   # [B, H, Lq, Lk]
     if key_padding_mask is None:
         probs = scores.softmax(dim=-1)
     else:
@@ -61,7 +67,7 @@ def attention(q, k, v, key_padding_mask: Optional[torch.Tensor] = None, scale: O
         attend = (key_padding_mask | ~has_key)[:, None, None, :]
         probs = scores.masked_fill(~attend, float("-inf")).softmax(dim=-1)
         probs = probs * has_key[:, None, :, None].to(probs.dtype)
-    return torch.matmul(probs, v.float()).to(q.dtype)
+    return torch.matmul(probs, v.to(acc)).to(q.dtype)
 
 
 # ---------------------------------------------------------------------- SupCon
@@ -83,7 +89,7 @@ def hard_negative_counts(labels: torch.Tensor, hard_ratio: float) -> torch.Tenso
 
 
 def _supcon_single(z, labels, temperature, hard_ratio, normalize):
-    z = z.float()
+    z = z.to(_accumulation_dtype(z.dtype))
     if normalize:
         z = F.normalize(z, dim=-1, eps=1e-12)
     n = z.shape[0]
@@ -114,7 +120,8 @@ def supcon_hard_negative_loss(z, labels, temperature: float = 0.07, hard_ratio: 
                               normalize: bool = True):
     """Supervised contrastive loss over the hardest negatives (paper eq. 26).
 
-    z: [N, D] -> scalar, or [M, N, D] -> [M] (M modalities sharing labels). Loss in float32.
+    z: [N, D] -> scalar, or [M, N, D] -> [M] (M modalities sharing labels). Loss in float32
+    (float64 for float64 inputs).
     """
     check_supcon_args(z, labels, temperature, hard_ratio)
     labels = labels.long()
