@@ -1,0 +1,133 @@
+"""Model-level tests: shapes, masks, loss composition, state_dict keys, bad inputs."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mcncl_fast
+from mcncl_fast import reference
+from mcncl_fast.data import collate_dialogues, synthetic_splits
+
+TINY = dict(text_dim=12, audio_dim=6, visual_dim=10, d_model=32, num_layers=2, num_heads=4, proj_dim=8,
+            num_classes=5, dropout=0.0)
+
+
+def make_batch(b=3, s=6, frames=4, cfg=None):
+    cfg = cfg or mcncl_fast.ModelConfig(**TINY)
+    utterance_mask = torch.ones(b, s, dtype=torch.bool)
+    utterance_mask[1, 4:] = False
+    utterance_mask[2, 1:] = False                       # a one-utterance dialogue
+    frame_mask = torch.rand(b, s, frames) > 0.3
+    frame_mask[0, 2] = False                            # an utterance with no valid frame
+    return dict(text=torch.randn(b, s, cfg.text_dim), audio=torch.randn(b, s, cfg.audio_dim),
+                visual=torch.randn(b, s, frames, cfg.visual_dim), utterance_mask=utterance_mask,
+                frame_mask=frame_mask, labels=torch.randint(0, cfg.num_classes, (b, s)))
+
+
+def test_state_dict_keys_match_reference_and_design():
+    cfg = mcncl_fast.ModelConfig(**TINY)
+    fast, ref = mcncl_fast.Model(cfg), reference.Model(cfg)
+    assert list(fast.state_dict()) == list(ref.state_dict())
+    sd = fast.state_dict()
+    q = cfg.d_model // 4
+    for s in range(4):   # PSA keys and shapes of DESIGN.md §3
+        assert sd[f"psa.branches.{s}.weight"].shape == (q, q, 2 * (s + 1) + 1)
+        assert sd[f"psa.branches.{s}.bias"].shape == (q,)
+    assert sd["psa.se.fc1.weight"].shape == (q, cfg.d_model)
+    assert sd["psa.se.fc2.weight"].shape == (cfg.d_model, q)
+    assert sd["classifier.6.weight"].shape == (cfg.num_classes, cfg.d_model)
+    assert reference.ModelConfig is mcncl_fast.ModelConfig
+
+
+@pytest.mark.parametrize("kv_source", ["input", "layer"])
+def test_forward_backward_with_masks(kv_source):
+    cfg = mcncl_fast.ModelConfig(**{**TINY, "kv_source": kv_source})
+    model = mcncl_fast.Model(cfg)
+    batch = make_batch(cfg=cfg)
+    out = model(**batch)
+    assert out.logits.shape == (3, 6, cfg.num_classes)
+    assert out.contrastive_loss.shape == (3,)
+    expected = out.ce_loss + (torch.tensor([cfg.alpha, cfg.beta, cfg.gamma]) * out.contrastive_loss).sum()
+    torch.testing.assert_close(out.loss, expected)
+    valid = batch["utterance_mask"]
+    torch.testing.assert_close(out.ce_loss, F.cross_entropy(out.logits[valid], batch["labels"][valid]))
+    out.loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+
+
+def test_padded_utterances_do_not_change_valid_outputs():
+    torch.manual_seed(1)
+    cfg = mcncl_fast.ModelConfig(**TINY)
+    model = mcncl_fast.Model(cfg).eval()
+    batch = make_batch(cfg=cfg)
+    out = model(**batch)
+    changed = {k: v.clone() for k, v in batch.items()}
+    pad = ~batch["utterance_mask"]
+    changed["text"][pad] = 100.0
+    changed["audio"][pad] = -50.0
+    changed["labels"][pad] = 0
+    out2 = model(**changed)
+    valid = batch["utterance_mask"]
+    torch.testing.assert_close(out.logits[valid], out2.logits[valid])
+    torch.testing.assert_close(out.loss, out2.loss)
+
+
+def test_without_labels_and_without_frame_mask():
+    cfg = mcncl_fast.ModelConfig(**TINY)
+    batch = make_batch(cfg=cfg)
+    batch.pop("labels")
+    batch["frame_mask"] = None
+    out = mcncl_fast.Model(cfg)(**batch)
+    assert out.loss is None and out.ce_loss is None and out.contrastive_loss is None
+    assert set(out.features) == {"fused_t", "fused_a", "fused_v", "proj_t", "proj_a", "proj_v"}
+    assert out.features["proj_t"].shape == (3, 6, cfg.proj_dim)
+
+
+def test_loss_matches_hand_composition_from_reference_ops():
+    cfg = mcncl_fast.ModelConfig(**TINY)
+    model = reference.Model(cfg).eval()
+    batch = make_batch(cfg=cfg)
+    out = model(**batch)
+    valid = batch["utterance_mask"]
+    y = batch["labels"][valid]
+    per_modality = [reference.ops.supcon_hard_negative_loss(out.features[f"proj_{m}"][valid], y, 0.07, 0.3)
+                    for m in "tav"]
+    torch.testing.assert_close(out.contrastive_loss, torch.stack(per_modality))
+
+
+def test_model_trains_on_synthetic_data():
+    splits = synthetic_splits(seed=0, scale=0.05, text_dim=12, audio_dim=6, visual_dim=10)
+    cfg = mcncl_fast.ModelConfig(**{**TINY, **splits.model_dims(), "num_layers": 1})
+    model = mcncl_fast.Model(cfg)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    batch = collate_dialogues([splits.train[i] for i in range(16)])
+    first = None
+    for _ in range(30):
+        loss = model(**batch).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        first = first if first is not None else loss.item()
+    assert loss.item() < 0.6 * first
+
+
+def test_bad_model_inputs():
+    cfg = mcncl_fast.ModelConfig(**TINY)
+    model = mcncl_fast.Model(cfg)
+    batch = make_batch(cfg=cfg)
+    with pytest.raises(ValueError, match="audio"):
+        model(**{**batch, "audio": torch.randn(3, 6, 7)})
+    with pytest.raises(ValueError, match="visual"):
+        model(**{**batch, "visual": torch.randn(3, 6, cfg.visual_dim)})
+    with pytest.raises(TypeError, match="utterance_mask"):
+        model(**{**batch, "utterance_mask": batch["utterance_mask"].float()})
+    with pytest.raises(ValueError, match="frame_mask"):
+        model(**{**batch, "frame_mask": batch["frame_mask"][:, :, :2]})
+    with pytest.raises(ValueError, match="labels"):
+        model(**{**batch, "labels": torch.full((3, 6), cfg.num_classes)})
+    with pytest.raises(TypeError, match="labels"):
+        model(**{**batch, "labels": batch["labels"].float()})
+    with pytest.raises(ValueError, match="kv_source"):
+        mcncl_fast.ModelConfig(kv_source="both")
+    with pytest.raises(ValueError, match="num_heads"):
+        mcncl_fast.ModelConfig(d_model=36, num_heads=8)
