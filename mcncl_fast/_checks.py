@@ -89,18 +89,38 @@ def check_psa_args(x, weights, biases, fc1_weight, fc1_bias, fc2_weight, fc2_bia
 
 
 def check_attention_args(q, k, v, key_padding_mask, scale):
+    """q [B, H, Lq, Dh], k/v [B, H, Lk, Dh], key_padding_mask [B, Lk] bool or None."""
+    _check_attention(q, k, v, scale, lead=2)
+    check_mask("key_padding_mask", key_padding_mask, (q.shape[0], k.shape[2]), q.device)
+
+
+def check_attention_grouped_args(q, k, v, key_padding_mask, scale):
+    """q [G, B, H, Lq, Dh], k/v [G, B, H, Lk, Dh], key_padding_mask [B, Lk] (shared) or [G, B, Lk] bool or None."""
+    _check_attention(q, k, v, scale, lead=3)
+    if key_padding_mask is not None:
+        g, b, _, _, _ = q.shape
+        lk = k.shape[3]
+        check_tensor("key_padding_mask", key_padding_mask, ndim=(2, 3), dtypes=(torch.bool,))
+        check_mask("key_padding_mask", key_padding_mask, (b, lk) if key_padding_mask.dim() == 2 else (g, b, lk),
+                   q.device)
+
+
+def _check_attention(q, k, v, scale, lead):
+    """Shared part: `lead` leading dims (batch, heads[, groups]) equal, then L, Dh."""
     for name, t in (("q", q), ("k", k), ("v", v)):
-        check_tensor(name, t, ndim=4)
-    b, h, lq, dh = q.shape
-    if k.shape[0] != b or k.shape[1] != h or k.shape[3] != dh:
-        raise ValueError(f"k: expected shape ({b}, {h}, Lk, {dh}) to match q, got {_describe(k)}")
+        check_tensor(name, t, ndim=lead + 2)
+    dims = tuple(q.shape[:lead])
+    dh = q.shape[-1]
+    if tuple(k.shape[:lead]) != dims or k.shape[-1] != dh:
+        want = ", ".join(str(d) for d in dims)
+        raise ValueError(f"k: expected shape ({want}, Lk, {dh}) to match q, got {_describe(k)}")
     check_shape("v", v, k.shape)
     check_same_device("q", q, k=k, v=v)
     for name, t in (("k", k), ("v", v)):
         if t.dtype != q.dtype:
             raise TypeError(f"{name}: expected dtype {q.dtype} (the dtype of q), got {t.dtype}")
-    check_mask("key_padding_mask", key_padding_mask, (b, k.shape[2]), q.device)
-    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+    if scale is not None and (isinstance(scale, bool) or not (isinstance(scale, (int, float))
+                                                               and math.isfinite(scale) and scale > 0)):
         raise ValueError(f"scale: expected a positive finite number or None, got {scale!r}")
 
 

@@ -1,11 +1,119 @@
-"""Public attention op: input checks and dispatch (DESIGN.md §4.2, issue #6 fills the Triton path)."""
+"""Public attention ops: input checks, dispatch, torch.library custom ops (DESIGN.md §4.2, §5).
+
+`attention` runs one attention [B, H, L, Dh]; `attention_grouped` runs G independent
+attentions of the same shapes [G, B, H, L, Dh] in one launch (the fast Model uses it
+for the three modality streams of a sub-layer). Both go through one pair of custom
+ops on the 5-D layout (`mcncl_fast::attention_fwd` / `attention_bwd`); the single op
+is G = 1. Outputs and gradients take the memory layout of q / k / v (so a head-split
+view [B, S, H, Dh] -> [B, H, S, Dh] gives an output whose head merge is a free view).
+
+The Triton path takes float32 / float16 / bfloat16 with Dh in {16, 32, 64, 128};
+other dtypes or head dims (and plain CPU tensors) take the reference.
+"""
 from __future__ import annotations
 
-from .._checks import check_attention_args
+from typing import Optional, Tuple
+
+import torch
+
+from .._checks import check_attention_args, check_attention_grouped_args
+from ..kernels import attention as kernels
 from ..reference import ops as reference_ops
+from ._dispatch import use_triton
+
+__all__ = ["attention", "attention_grouped"]
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+def _fast_path(q) -> bool:
+    return use_triton(q) and q.dtype in _DTYPES and q.shape[-1] in kernels.HEAD_DIMS
+
+
+def _head_dim_contiguous(t):
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _out_like(t):
+    return torch.empty_like(_head_dim_contiguous(t))
+
+
+# ----------------------------------------------------------------------------- custom ops
+@torch.library.custom_op("mcncl_fast::attention_fwd", mutates_args=())
+def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
+                   scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    q, k, v = (_head_dim_contiguous(t) for t in (q, k, v))
+    mask = None if key_padding_mask is None else key_padding_mask.contiguous()
+    return kernels.attention_forward(q, k, v, mask, scale)
+
+
+@_attention_fwd.register_fake
+def _(q, k, v, key_padding_mask, scale):
+    g, b, h, lq, _ = q.shape
+    return _out_like(q), q.new_empty((g * b * h, lq), dtype=torch.float32)
+
+
+@torch.library.custom_op("mcncl_fast::attention_bwd", mutates_args=())
+def _attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                   lse: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
+                   scale: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    grad_out, q, k, v, out = (_head_dim_contiguous(t) for t in (grad_out, q, k, v, out))
+    mask = None if key_padding_mask is None else key_padding_mask.contiguous()
+    return kernels.attention_backward(grad_out, q, k, v, out, lse, mask, scale)
+
+
+@_attention_bwd.register_fake
+def _(grad_out, q, k, v, out, lse, key_padding_mask, scale):
+    return _out_like(q), _out_like(k), _out_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, key_padding_mask, scale = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, out, lse, key_padding_mask)
+    ctx.scale = scale
+
+
+def _backward(ctx, grad_out, _grad_lse):
+    q, k, v, out, lse, key_padding_mask = ctx.saved_tensors
+    dq, dk, dv = _attention_bwd(grad_out, q, k, v, out, lse, key_padding_mask, ctx.scale)
+    return dq, dk, dv, None, None
+
+
+_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------- public ops
 def attention(q, k, v, key_padding_mask=None, scale=None):
-    """q [B, H, Lq, Dh], k/v [B, H, Lk, Dh], key_padding_mask [B, Lk] (True = attend)."""
+    """softmax(q kᵀ·scale) v. q [B, H, Lq, Dh], k/v [B, H, Lk, Dh], key_padding_mask [B, Lk] bool
+    (True = attend). A query whose keys are all masked gives 0 (and zero gradients)."""
     check_attention_args(q, k, v, key_padding_mask, scale)
-    return reference_ops.attention(q, k, v, key_padding_mask, scale)
+    if not _fast_path(q):
+        return reference_ops.attention(q, k, v, key_padding_mask, scale)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    out, _ = _attention_fwd(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), key_padding_mask, scale)
+    return out.squeeze(0)
+
+
+def attention_grouped(q, k, v, key_padding_mask=None, scale=None):
+    """G independent attentions in one launch: q [G, B, H, Lq, Dh], k/v [G, B, H, Lk, Dh],
+    key_padding_mask [B, Lk] (shared by the groups) or [G, B, Lk]. Same as stacking
+    `attention(q[g], k[g], v[g], mask or mask[g], scale)` over g."""
+    check_attention_grouped_args(q, k, v, key_padding_mask, scale)
+    if not _fast_path(q):
+        return _reference_grouped(q, k, v, key_padding_mask, scale)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    out, _ = _attention_fwd(q, k, v, key_padding_mask, scale)
+    return out
+
+
+def _reference_grouped(q, k, v, key_padding_mask, scale):
+    g, b, h, lq, dh = q.shape
+    lk = k.shape[3]
+    mask = key_padding_mask
+    if mask is not None:
+        mask = (mask.expand(g, b, lk) if mask.dim() == 2 else mask).reshape(g * b, lk)
+    out = reference_ops.attention(q.reshape(g * b, h, lq, dh), k.reshape(g * b, h, lk, dh),
+                                  v.reshape(g * b, h, lk, dh), mask, scale)
+    return out.reshape(g, b, h, lq, dh)
