@@ -1,0 +1,288 @@
+"""Fast attention (Triton) vs the reference and SDPA: outputs and dq/dk/dv (DESIGN.md §4.2, §6, issue #6).
+
+On CPU the kernels run through TRITON_INTERPRET=1 (small B·H); on a GPU with `-m gpu`.
+Every output buffer the kernels write is NaN-poisoned first (autouse fixture).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+import triton.language as tl
+
+import mcncl_fast.kernels.attention as kernels
+from mcncl_fast import ops
+from mcncl_fast.reference import ops as ref
+from tests.helpers import INTERPRET, TOLERANCE, assert_close_rel, kernel_devices, poison_
+
+DEVICES = kernel_devices()
+pytestmark = pytest.mark.skipif(not DEVICES, reason="no Triton device: needs TRITON_INTERPRET=1 or CUDA")
+
+
+# The interpreter multiplies bfloat16 dot operands as raw uint16 (triton 3.9): convert them to
+# float32 first (exact), as the GPU's bf16 MMA does. Kernel code is untouched.
+if INTERPRET:
+    from triton.runtime import interpreter as _interp
+
+    _create_dot = _interp.InterpreterBuilder.create_dot
+    if not getattr(_create_dot, "_bf16_fixed", False):
+        def _create_dot_bf16(self, a, b, d, input_precision, max_num_imprecise_acc):
+            if a.dtype.scalar == tl.bfloat16:
+                a, b = self.cast_impl(a, tl.float32), self.cast_impl(b, tl.float32)
+            return _create_dot(self, a, b, d, input_precision, max_num_imprecise_acc)
+        _create_dot_bf16._bf16_fixed = True
+        _interp.InterpreterBuilder.create_dot = _create_dot_bf16
+
+
+@pytest.fixture(autouse=True)
+def _poison_kernel_outputs(monkeypatch):
+    monkeypatch.setattr(kernels, "_empty_like", lambda t: poison_(torch.empty_like(t)))
+    monkeypatch.setattr(kernels, "_empty", lambda *a, **kw: poison_(torch.empty(*a, **kw)))
+
+
+def _inputs(shape_q, lk, dtype, device, mask_kind="random", group=None):
+    *lead, lq, dh = shape_q
+    b = lead[-2]
+    make = lambda length: torch.randn(*lead, length, dh, device=device).to(dtype).requires_grad_()  # noqa: E731
+    q, k, v = make(lq), make(lk), make(lk)
+    mask = None
+    if mask_kind == "random":
+        mask = torch.rand(b, lk, device=device) > 0.35
+        mask[:, 0] = True                       # every entry has a key ...
+        if b > 1:
+            mask[-1] = False                    # ... except the last: a fully masked batch entry
+    elif mask_kind == "prefix":                 # dialogue padding: valid utterances first
+        lengths = torch.randint(1, lk + 1, (b,), device=device)
+        mask = torch.arange(lk, device=device)[None, :] < lengths[:, None]
+    return q, k, v, mask
+
+
+def _grads(out, inputs, grad_out):
+    return torch.autograd.grad(out, inputs, grad_out)
+
+
+def _check_against_reference(q, k, v, mask, scale=None, fn=ops.attention, ref_fn=ref.attention):
+    out = fn(q, k, v, mask, scale)
+    grad_out = torch.randn_like(out)
+    grads = _grads(out, (q, k, v), grad_out)
+    out_ref = ref_fn(q, k, v, mask, scale)
+    grads_ref = _grads(out_ref, (q, k, v), grad_out)
+    key = q.dtype
+    assert_close_rel(out, out_ref, key, "out")
+    for name, g, g_ref in zip(("dq", "dk", "dv"), grads, grads_ref):
+        assert_close_rel(g, g_ref, key, name)
+    return out, grads
+
+
+# (B, H, Lq, Lk, Dh, dtype, mask kind)
+CASES = [
+    (2, 2, 17, 50, 32, torch.float32, "random"),      # Lq < Lk, fully masked batch entry
+    (2, 2, 50, 17, 32, torch.float32, "prefix"),      # Lq > Lk
+    (1, 2, 1, 3, 16, torch.float32, "random"),        # Lq = 1
+    (2, 1, 3, 1, 64, torch.float32, "random"),        # Lk = 1 (second entry fully masked)
+    (2, 1, 130, 130, 128, torch.float32, "random"),   # several tiles both ways
+    (2, 2, 33, 33, 64, torch.float32, None),          # no mask
+    (2, 2, 33, 17, 32, torch.bfloat16, "random"),
+    (2, 1, 50, 33, 64, torch.float16, "random"),
+    (1, 2, 17, 3, 128, torch.bfloat16, None),
+    (2, 1, 3, 130, 16, torch.float16, "prefix"),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("b,h,lq,lk,dh,dtype,mask_kind", CASES, ids=lambda x: str(x).replace("torch.", ""))
+def test_matches_reference(device, b, h, lq, lk, dh, dtype, mask_kind):
+    q, k, v, mask = _inputs((b, h, lq, dh), lk, dtype, device, mask_kind)
+    _check_against_reference(q, k, v, mask)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_custom_scale(device):
+    q, k, v, mask = _inputs((2, 1, 17, 32), 17, torch.float32, device)
+    _check_against_reference(q, k, v, mask, scale=0.37)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_matches_sdpa_on_rows_with_keys(device, dtype):
+    """SDPA with the converted mask gives NaN where every key is masked: compare the other entries."""
+    q, k, v, mask = _inputs((3, 2, 17, 32), 50, dtype, device)
+    keep = mask.any(dim=1)
+    assert not keep.all() and keep.any()
+    out = ops.attention(q, k, v, mask)
+    grad_out = torch.randn_like(out)
+    grads = _grads(out, (q, k, v), grad_out)
+    sub = [t.detach()[keep].requires_grad_() for t in (q, k, v)]
+    up = lambda t: t.float() if t.device.type == "cpu" else t  # noqa: E731  (CPU SDPA: no half kernels)
+    out_sdpa = F.scaled_dot_product_attention(*(up(t) for t in sub), attn_mask=mask[keep][:, None, None, :])
+    grads_sdpa = _grads(out_sdpa, sub, up(grad_out[keep]))
+    assert_close_rel(out[keep], out_sdpa, dtype, "out")
+    for name, g, g_sdpa in zip(("dq", "dk", "dv"), grads, grads_sdpa):
+        assert_close_rel(g[keep], g_sdpa, dtype, name)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fully_masked_rows_are_exact_zeros(device):
+    q, k, v, mask = _inputs((2, 2, 5, 32), 7, torch.float32, device)
+    mask[0, 3:] = False
+    out = ops.attention(q, k, v, mask)
+    dq, dk, dv = _grads(out, (q, k, v), torch.randn_like(out))
+    for t in (out, dq, dk, dv):
+        assert torch.isfinite(t).all()
+        assert (t[1] == 0).all()                 # batch entry 1 has no valid key
+    assert (dk[0, :, 3:] == 0).all() and (dv[0, :, 3:] == 0).all()   # masked keys get no gradient
+    assert (out[0] != 0).any() and (dk[0, :, :3] != 0).any()
+
+
+# ------------------------------------------------------------------------------ grouped
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("per_group_mask", [False, True])
+def test_grouped_equals_loop_of_singles(device, per_group_mask):
+    g, b, h, lq, lk, dh = 3, 2, 2, 17, 33, 32
+    q, k, v, mask = _inputs((g, b, h, lq, dh), lk, torch.float32, device)
+    if per_group_mask:
+        mask = torch.stack([mask, mask.roll(1, dims=1), torch.ones_like(mask)])
+    out = ops.attention_grouped(q, k, v, mask)
+    grad_out = torch.randn_like(out)
+    grads = _grads(out, (q, k, v), grad_out)
+    for i in range(g):
+        m = mask[i] if per_group_mask else mask
+        single = ops.attention(q[i], k[i], v[i], m)
+        single_grads = _grads(single, (q, k, v), grad_out[i])
+        assert torch.equal(out[i], single)
+        for name, grad, single_grad in zip(("dq", "dk", "dv"), grads, single_grads):
+            assert torch.equal(grad[i], single_grad[i]), name
+    # and against the reference
+    _check_against_reference(q, k, v, mask, fn=ops.attention_grouped, ref_fn=_reference_loop)
+
+
+def _reference_loop(q, k, v, mask, scale=None):
+    masks = [mask if mask is None or mask.dim() == 2 else mask[i] for i in range(q.shape[0])]
+    return torch.stack([ref.attention(q[i], k[i], v[i], masks[i], scale) for i in range(q.shape[0])])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_head_split_views_keep_their_layout(device):
+    """q/k/v as head-split views of [B, S, H·Dh] (no copy): the output has q's layout, so merge is a view."""
+    b, s, h, dh = 2, 17, 2, 32
+    x = torch.randn(b, s, h * dh, device=device)
+    split = lambda t: t.view(b, s, h, dh).transpose(1, 2).detach().requires_grad_()  # noqa: E731
+    q, k, v = split(x), split(x.flip(1)), split(x * 0.5)
+    mask = torch.arange(s, device=device)[None, :] < torch.tensor([[s], [9]], device=device)
+    out, (dq, _, _) = _check_against_reference(q, k, v, mask)
+    assert out.stride() == q.stride() and dq.stride() == q.stride()
+    assert out.transpose(1, 2).is_contiguous()
+    # a head dim that is not contiguous is copied first, same values
+    q2 = q.detach().transpose(-1, -2).contiguous().transpose(-1, -2).requires_grad_()
+    assert q2.stride(-1) != 1
+    _check_against_reference(q2, k, v, mask)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_every_config_in_the_interpreter(device):
+    """The autotuner runs only the first config under the interpreter: run each one explicitly,
+    on shapes with several tiles and a fully masked key tile (skipped)."""
+    q, k, v, mask = _inputs((2, 1, 50, 32), 70, torch.float32, device)
+    mask[0, 16:48] = False
+    scale = 32 ** -0.5
+    x = [t.detach().unsqueeze(0) for t in (q, k, v)]
+    out_ref = ref.attention(q, k, v, mask)
+    grad_out = torch.randn_like(out_ref)
+    grads_ref = _grads(out_ref, (q, k, v), grad_out)
+    configs = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]): c for c in kernels.FWD_CONFIGS + kernels.BWD_CONFIGS}
+    for config in configs.values():
+        out, lse = kernels.attention_forward(*x, mask, scale, config=config)
+        assert_close_rel(out[0], out_ref, torch.float32, f"out {config}")
+        grads = kernels.attention_backward(grad_out.unsqueeze(0), *x, out, lse, mask, scale, config=config)
+        for name, g, g_ref in zip(("dq", "dk", "dv"), grads, grads_ref):
+            assert_close_rel(g[0], g_ref, torch.float32, f"{name} {config}")
+
+
+# ------------------------------------------------------------------------------ tracing
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_fullgraph(device):
+    q, k, v, mask = _inputs((2, 2, 17, 32), 9, torch.float32, device)
+
+    def fn(q, k, v, mask):
+        single = ops.attention(q, k, v, mask)
+        grouped = ops.attention_grouped(torch.stack([q, q * 2]), torch.stack([k, k]), torch.stack([v, v.flip(2)]), mask)
+        return single.sum() + grouped.square().sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
+    loss = compiled(q, k, v, mask)
+    grads = _grads(loss, (q, k, v), None)
+    loss_eager = fn(q, k, v, mask)
+    grads_eager = _grads(loss_eager, (q, k, v), None)
+    assert_close_rel(loss, loss_eager, torch.float32, "loss")
+    for g, g_eager in zip(grads, grads_eager):
+        assert_close_rel(g, g_eager, torch.float32, "grad")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    from mcncl_fast.ops.attention import _attention_fwd
+    q, k, v, mask = _inputs((2, 1, 2, 5, 16), 7, torch.float32, device)
+    torch.library.opcheck(_attention_fwd, (q, k, v, mask, 0.25))
+    torch.library.opcheck(_attention_fwd, (q, k, v, None, 0.25))
+
+
+# ------------------------------------------------------------------------------ dispatch, errors
+def test_reference_backend_skips_the_kernels(monkeypatch):
+    def boom(*args, **kwargs):
+        raise AssertionError("kernel launched")
+    monkeypatch.setattr(kernels, "attention_forward", boom)
+    q, k, v, mask = _inputs((2, 1, 5, 16), 4, torch.float32, "cpu")
+    monkeypatch.setenv("MCNCL_FAST_BACKEND", "reference")
+    assert torch.equal(ops.attention(q, k, v, mask), ref.attention(q, k, v, mask))
+    monkeypatch.delenv("MCNCL_FAST_BACKEND")
+    # unsupported head dim / dtype take the reference too
+    q, k, v, mask = _inputs((2, 1, 5, 24), 4, torch.float32, "cpu")
+    assert torch.equal(ops.attention(q, k, v, mask), ref.attention(q, k, v, mask))
+    q, k, v, mask = _inputs((2, 2, 1, 5, 16), 4, torch.float64, "cpu")
+    assert torch.equal(ops.attention_grouped(q, k, v, mask), _reference_loop(q, k, v, mask))
+
+
+def _bad_call(fn, q, k, v, mask=None, scale=None):
+    def boom(*args, **kwargs):
+        raise AssertionError("kernel launched before the checks")
+    kernels_fwd = kernels.attention_forward
+    kernels.attention_forward = boom
+    try:
+        return fn(q, k, v, mask, scale)
+    finally:
+        kernels.attention_forward = kernels_fwd
+
+
+def test_bad_inputs_raise_before_launch():
+    q = torch.randn(2, 2, 5, 16)
+    kv = torch.randn(2, 2, 7, 16)
+    good_mask = torch.ones(2, 7, dtype=torch.bool)
+    with pytest.raises(ValueError, match="k: expected shape"):
+        _bad_call(ops.attention, q, torch.randn(2, 2, 7, 32), kv)
+    with pytest.raises(ValueError, match="v: expected shape"):
+        _bad_call(ops.attention, q, kv, torch.randn(2, 2, 6, 16))
+    with pytest.raises(ValueError, match="key_padding_mask: expected shape"):
+        _bad_call(ops.attention, q, kv, kv, torch.ones(2, 5, dtype=torch.bool))
+    with pytest.raises(TypeError, match="key_padding_mask: expected dtype"):
+        _bad_call(ops.attention, q, kv, kv, torch.ones(2, 7))
+    with pytest.raises(ValueError, match="key_padding_mask: expected device"):
+        _bad_call(ops.attention, q, kv, kv, good_mask.to("meta"))
+    with pytest.raises(ValueError, match="k: expected device"):
+        _bad_call(ops.attention, q, kv.to("meta"), kv)
+    with pytest.raises(TypeError, match="v: expected dtype"):
+        _bad_call(ops.attention, q, kv, kv.half())
+    with pytest.raises(ValueError, match="q: expected a 4-D"):
+        _bad_call(ops.attention, q[0], kv, kv)
+    with pytest.raises(ValueError, match="scale"):
+        _bad_call(ops.attention, q, kv, kv, good_mask, -1.0)
+    # grouped
+    gq, gkv = q.expand(3, *q.shape), kv.expand(3, *kv.shape)
+    with pytest.raises(ValueError, match="q: expected a 5-D"):
+        _bad_call(ops.attention_grouped, q, kv, kv)
+    with pytest.raises(ValueError, match="k: expected shape"):
+        _bad_call(ops.attention_grouped, gq, kv.expand(2, *kv.shape), gkv)
+    with pytest.raises(ValueError, match="key_padding_mask: expected shape"):
+        _bad_call(ops.attention_grouped, gq, gkv, gkv, good_mask.expand(2, 2, 7))
+    with pytest.raises(ValueError, match="key_padding_mask: expected a 2-D or 3-D"):
+        _bad_call(ops.attention_grouped, gq, gkv, gkv, good_mask[0])
