@@ -1,0 +1,248 @@
+"""Fused Pyramid Squeeze Attention, forward (DESIGN.md §3, §4.1; issue #5).
+
+x [N, L, C], Q = C/4 channels per branch s = 0..3, kernel K_s = 2s + 3, zero padding s + 1.
+The four conv weights are packed into one flat buffer (branch s at offset Q*Q*s*(s+2), layout
+[Q_out, Q_in, K_s] as in nn.Conv1d) so one kernel serves every branch.
+
+Kernels (one launch each):
+  _psa_conv_fwd_kernel   grid (row blocks, 4 branches x output-channel blocks). One pass over x:
+                         the branch conv as K_s small matmuls tl.dot([frames, Q_in], W_j[Q_in, Q_out])
+                         over shifted frame windows (input zeroed at padded frames), + bias; stores the
+                         branch output y (psa only) and the squeeze z = masked mean over frames (fp32).
+  _psa_se_fwd_kernel     grid (row blocks). SE MLP h = relu(fc1 z), g = sigmoid(fc2 h) (fp32); for
+                         psa_pool also writes g * z (= masked mean of psa's output), so psa_pool never
+                         materialises [N, L, C].
+  _psa_gate_apply_kernel grid (frame blocks, channel blocks). out = y * g * frame_mask (psa only).
+The SE MLP is a separate small kernel rather than fused into the conv kernel: the gate of a row
+needs the squeeze of all four branches, which live in four different programs. Fusing the gate
+into the conv pass would need one program per row holding [L, C] of y in registers (or a second
+conv pass); not measured on a GPU (none was lent to this task) — the split is the simple choice.
+
+Tiles: a program covers BLOCK_N = BLOCK_M // BLOCK_L whole rows x BLOCK_L frames, flattened to
+BLOCK_M matmul rows; per-row sums reshape [BLOCK_M, .] -> [BLOCK_N, BLOCK_L, .]. Longer rows loop
+over frame tiles. fp32 dots use input_precision="ieee"; 16-bit inputs use 16-bit dot operands
+with fp32 accumulation (under the interpreter bf16 operands are upcast: it cannot multiply bf16).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+BRANCHES = 4
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def prune_first_in_interpreter(configs, named_args, **kwargs):
+    # the autotuner's benchmark needs a GPU driver: the interpreter runs the first config only
+    return configs[:1] if interpreting() else configs
+
+
+def block_l(args):
+    """Frames per tile: the row length rounded up to a power of two, at most BLOCK_M."""
+    return min(triton.next_power_of_2(max(int(args["L"]), 1)), args["BLOCK_M"])
+
+
+def block_q(q: int) -> int:
+    """Channels per dot operand block: >= 16 (tl.dot minimum when compiled), <= 64."""
+    return min(max(16, triton.next_power_of_2(q)), 64)
+
+
+def block_h(q: int) -> int:
+    """The SE hidden width (Q) as one block, >= 16."""
+    return max(16, triton.next_power_of_2(q))
+
+
+# first config = the one the interpreter uses (large tiles: it costs per program x iteration)
+CONV_CONFIGS = [
+    triton.Config({"BLOCK_M": 128}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_M": 64}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_M": 64}, num_warps=4, num_stages=3),
+]
+ELEMENTWISE_CONFIGS = [
+    triton.Config({"BLOCK_M": 64, "BLOCK_C": 256}, num_warps=8, num_stages=1),
+    triton.Config({"BLOCK_M": 32, "BLOCK_C": 128}, num_warps=4, num_stages=1),
+]
+SE_CONFIGS = [
+    triton.Config({"BLOCK_R": 32, "BLOCK_C": 64}, num_warps=4, num_stages=1),
+    triton.Config({"BLOCK_R": 16, "BLOCK_C": 64}, num_warps=4, num_stages=1),
+]
+PRUNE = {"early_config_prune": prune_first_in_interpreter}
+
+
+def dot_dtype(dtype: torch.dtype):
+    if dtype == torch.float32:
+        return tl.float32
+    if dtype == torch.float16:
+        return tl.float16
+    if dtype == torch.bfloat16:
+        return tl.float32 if interpreting() else tl.bfloat16
+    raise TypeError(f"x: the Triton PSA kernels take float32/float16/bfloat16, got {dtype}")
+
+
+@triton.jit
+def frame_ok(mask_ptr, rows64, t, ok, L, HAS_MASK: tl.constexpr):
+    """ok & frame_mask[row, t] (mask passed as uint8 [N, L])."""
+    if HAS_MASK:
+        m = tl.load(mask_ptr + rows64 * L + t, mask=ok, other=0)
+        ok = ok & (m != 0)
+    return ok
+
+
+@triton.autotune(configs=CONV_CONFIGS, key=["L", "C"], prune_configs_by=PRUNE)
+@triton.heuristics({"BLOCK_L": block_l})
+@triton.jit
+def _psa_conv_fwd_kernel(x_ptr, mask_ptr, w_ptr, b_ptr, y_ptr, z_ptr, N, L, C, Q,
+                         HAS_MASK: tl.constexpr, STORE_Y: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                         BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr):
+    BLOCK_N: tl.constexpr = BLOCK_M // BLOCK_L
+    pid_n = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    num_qb = tl.cdiv(Q, BLOCK_Q)
+    s = pid_c // num_qb
+    K = 2 * s + 3
+    PAD = s + 1
+    w_base = w_ptr + Q * Q * s * (s + 2)
+    offs_o = (pid_c % num_qb) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    o_ok = offs_o < Q
+    offs_i = tl.arange(0, BLOCK_Q)
+    offs_m = tl.arange(0, BLOCK_M)
+    rows = pid_n * BLOCK_N + offs_m // BLOCK_L
+    row_ok = rows < N
+    rows64 = rows.to(tl.int64)
+    tt = offs_m % BLOCK_L
+    bias = tl.load(b_ptr + s * Q + offs_o, mask=o_ok, other=0.0).to(tl.float32)
+    zsum = tl.zeros((BLOCK_N, BLOCK_Q), tl.float32)
+    cnt = tl.zeros((BLOCK_N,), tl.float32)
+    for t0 in range(0, L, BLOCK_L):
+        t = t0 + tt
+        acc = tl.zeros((BLOCK_M, BLOCK_Q), tl.float32)
+        for j in range(0, K):
+            src = t + (j - PAD)
+            src_ok = frame_ok(mask_ptr, rows64, src, row_ok & (src >= 0) & (src < L), L, HAS_MASK)
+            x_row = x_ptr + (rows64 * L + src) * C + s * Q
+            for i0 in range(0, Q, BLOCK_Q):
+                ci = i0 + offs_i
+                i_ok = ci < Q
+                xs = tl.load(x_row[:, None] + ci[None, :], mask=src_ok[:, None] & i_ok[None, :], other=0.0)
+                wt = tl.load(w_base + offs_o[None, :] * (Q * K) + ci[:, None] * K + j,
+                             mask=i_ok[:, None] & o_ok[None, :], other=0.0)
+                acc += tl.dot(xs.to(DOT_DTYPE), wt.to(DOT_DTYPE), input_precision="ieee")
+        y = acc + bias[None, :]
+        t_ok = row_ok & (t < L)
+        if STORE_Y:
+            y_rows = y_ptr + (rows64 * L + t) * C + s * Q
+            tl.store(y_rows[:, None] + offs_o[None, :], y.to(y_ptr.dtype.element_ty),
+                     mask=t_ok[:, None] & o_ok[None, :])
+        valid = frame_ok(mask_ptr, rows64, t, t_ok, L, HAS_MASK)
+        ym = tl.where(valid[:, None], y, 0.0)
+        zsum += tl.sum(tl.reshape(ym, (BLOCK_N, BLOCK_L, BLOCK_Q)), axis=1)
+        cnt += tl.sum(tl.reshape(valid.to(tl.float32), (BLOCK_N, BLOCK_L)), axis=1)
+    z = zsum / tl.maximum(cnt, 1.0)[:, None]
+    zrows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    tl.store(z_ptr + (zrows.to(tl.int64) * C + s * Q)[:, None] + offs_o[None, :], z,
+             mask=(zrows < N)[:, None] & o_ok[None, :])
+
+
+@triton.autotune(configs=SE_CONFIGS, key=["C"], prune_configs_by=PRUNE)
+@triton.jit
+def _psa_se_fwd_kernel(z_ptr, fc1w_ptr, fc1b_ptr, fc2w_ptr, fc2b_ptr, h_ptr, g_ptr, pool_ptr, N, C, Q,
+                       POOL: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr,
+                       BLOCK_C: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_ok = rows < N
+    rows64 = rows.to(tl.int64)
+    offs_h = tl.arange(0, BLOCK_H)
+    h_ok = offs_h < Q
+    pre1 = tl.zeros((BLOCK_R, BLOCK_H), tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        cc = c0 + tl.arange(0, BLOCK_C)
+        c_ok = cc < C
+        z = tl.load(z_ptr + rows64[:, None] * C + cc[None, :], mask=r_ok[:, None] & c_ok[None, :], other=0.0)
+        w1t = tl.load(fc1w_ptr + offs_h[None, :] * C + cc[:, None], mask=c_ok[:, None] & h_ok[None, :],
+                      other=0.0).to(tl.float32)                                     # fc1_w[h, c] as [C, H]
+        pre1 += tl.dot(z, w1t, input_precision="ieee")
+    b1 = tl.load(fc1b_ptr + offs_h, mask=h_ok, other=0.0).to(tl.float32)
+    h = tl.maximum(pre1 + b1[None, :], 0.0)
+    tl.store(h_ptr + rows64[:, None] * Q + offs_h[None, :], h, mask=r_ok[:, None] & h_ok[None, :])
+    for c0 in range(0, C, BLOCK_C):
+        cc = c0 + tl.arange(0, BLOCK_C)
+        c_ok = cc < C
+        ok2 = r_ok[:, None] & c_ok[None, :]
+        w2t = tl.load(fc2w_ptr + cc[None, :] * Q + offs_h[:, None], mask=h_ok[:, None] & c_ok[None, :],
+                      other=0.0).to(tl.float32)                                     # fc2_w[c, h] as [H, C]
+        b2 = tl.load(fc2b_ptr + cc, mask=c_ok, other=0.0).to(tl.float32)
+        g = tl.sigmoid(tl.dot(h, w2t, input_precision="ieee") + b2[None, :])
+        tl.store(g_ptr + rows64[:, None] * C + cc[None, :], g, mask=ok2)
+        if POOL:
+            z = tl.load(z_ptr + rows64[:, None] * C + cc[None, :], mask=ok2, other=0.0)
+            tl.store(pool_ptr + rows64[:, None] * C + cc[None, :], (g * z).to(pool_ptr.dtype.element_ty),
+                     mask=ok2)
+
+
+@triton.autotune(configs=ELEMENTWISE_CONFIGS, key=["L", "C"], prune_configs_by=PRUNE)
+@triton.jit
+def _psa_gate_apply_kernel(y_ptr, g_ptr, mask_ptr, out_ptr, N, L, C,
+                           HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m64 = m.to(tl.int64)
+    m_ok = m64 < N * L
+    n64 = m64 // L
+    cc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = cc < C
+    ok2 = m_ok[:, None] & c_ok[None, :]
+    valid = m_ok
+    if HAS_MASK:
+        valid = valid & (tl.load(mask_ptr + m64, mask=m_ok, other=0) != 0)
+    y = tl.load(y_ptr + m64[:, None] * C + cc[None, :], mask=ok2, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + n64[:, None] * C + cc[None, :], mask=ok2, other=0.0)
+    out = tl.where(valid[:, None], y * g, 0.0)
+    tl.store(out_ptr + m64[:, None] * C + cc[None, :], out.to(out_ptr.dtype.element_ty), mask=ok2)
+
+
+def pack_conv(weights, biases):
+    """4 conv weights [Q, Q, K_s] -> one flat buffer; 4 biases -> [C]."""
+    return (torch.cat([w.reshape(-1) for w in weights]).contiguous(),
+            torch.cat(list(biases)).contiguous())
+
+
+def mask_arg(x, frame_mask):
+    """(mask pointer argument, HAS_MASK): uint8 view of the bool mask, or x as an unused dummy."""
+    if frame_mask is None:
+        return x, False
+    return frame_mask.contiguous().view(torch.uint8), True
+
+
+def psa_forward(x, weights, biases, fc1_w, fc1_b, fc2_w, fc2_b, frame_mask, pool: bool):
+    """Launch the forward. Returns (out [N, L, C] or pool [N, C], y or None, z, h, g) (z, h, g fp32)."""
+    x = x.contiguous()
+    n, length, c = x.shape
+    q = c // BRANCHES
+    w_packed, b_packed = pack_conv(weights, biases)
+    mask, has_mask = mask_arg(x, frame_mask)
+    f32 = dict(device=x.device, dtype=torch.float32)
+    z = torch.empty(n, c, **f32)
+    h = torch.empty(n, q, **f32)
+    g = torch.empty(n, c, **f32)
+    y = None if pool else torch.empty_like(x)
+    bq = block_q(q)
+    _psa_conv_fwd_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_M"] // meta["BLOCK_L"]),
+                                       BRANCHES * triton.cdiv(q, bq))](
+        x, mask, w_packed, b_packed, x if pool else y, z, n, length, c, q,
+        HAS_MASK=has_mask, STORE_Y=not pool, DOT_DTYPE=dot_dtype(x.dtype), BLOCK_Q=bq)
+    pooled = torch.empty(n, c, device=x.device, dtype=x.dtype) if pool else z
+    _psa_se_fwd_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_R"]),)](
+        z, fc1_w.contiguous(), fc1_b.contiguous(), fc2_w.contiguous(), fc2_b.contiguous(), h, g, pooled,
+        n, c, q, POOL=pool, BLOCK_H=block_h(q))
+    if pool:
+        return pooled, None, z, h, g
+    out = torch.empty_like(x)
+    _psa_gate_apply_kernel[lambda meta: (triton.cdiv(n * length, meta["BLOCK_M"]),
+                                         triton.cdiv(c, meta["BLOCK_C"]))](
+        y, g, mask, out, n, length, c, HAS_MASK=has_mask)
+    return out, y, z, h, g
