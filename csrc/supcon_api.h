@@ -1,0 +1,35 @@
+// Entry points of the hard-negative SupCon backward (pointer API, DESIGN.md §2).
+// The host version is always built (supcon_host.cpp); the CUDA version lives in supcon_cuda.cu,
+// and host-only builds get a stub that throws (end of supcon_host.cpp), as in cuda_api.h.
+#pragma once
+
+#include <cstdint>
+
+namespace mcncl {
+
+// dtype codes shared with mcncl_fast/ops/supcon.py
+enum SupconDType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
+
+struct SupconBackwardArgs {
+  std::uintptr_t z;         // [M, N, D] normalised embeddings, element strides sz_m, sz_n, sz_d
+  int dtype;                // SupconDType of z
+  long long m, n, d;
+  long long sz_m, sz_n, sz_d;
+  std::uintptr_t labels;    // int32 [N]
+  std::uintptr_t theta;     // float32 [M, N] hard-negative thresholds
+  std::uintptr_t logd;      // float32 [M, N] log-denominators
+  std::uintptr_t w;         // float32 [M, N] g_m / A for anchors with a positive, else 0
+  std::uintptr_t inv_npos;  // float32 [N] 1 / |P_i| (0 without positives)
+  std::uintptr_t w_scale;   // float32 [M]: max |w| of each modality (the CUDA kernels stage A / w_scale
+                            // in 16 bits; 0 means the modality's gradient is zero). Unused on the host.
+  double inv_tau;
+  std::uintptr_t grad;      // contiguous [M, N, D] output: float64 when z is float64, else float32
+};
+
+// Host implementation (float32 / float64 z), multi-threaded; num_threads <= 0: all cores.
+void supcon_backward_host(const SupconBackwardArgs& args, int num_threads);
+
+// CUDA implementation (float32 / float16 / bfloat16 z) on the given cudaStream_t (as an integer).
+void supcon_backward_cuda(const SupconBackwardArgs& args, std::uintptr_t stream);
+
+}  // namespace mcncl

@@ -1,0 +1,120 @@
+// Host (CPU) implementation of the hard-negative SupCon backward: the same tiled algorithm as the
+// CUDA kernel (supcon_cuda.cu) on top of the same per-element math (supcon_math.h).
+//   for every modality m and row block I (threads pull blocks from a shared counter):
+//     for every column block J: S = Z_I Z_J^T (recomputed), A = G_IJ + G_JI^T, dZ_I += A Z_J
+// Coefficients and dZ are accumulated in double (s in the input precision).
+// Memory: per thread O((BI + BJ) * D + BI * BJ) scratch; nothing of size N x N.
+#include <algorithm>
+#include <atomic>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "supcon_api.h"
+#include "supcon_math.h"
+
+namespace mcncl {
+namespace {
+
+constexpr long long kBI = 32;  // rows per block
+constexpr long long kBJ = 64;  // columns per block
+
+// dot product with 8 independent partial sums (vectorisable without reassociation flags)
+template <typename T>
+inline T dot(const T* a, const T* b, long long d) {
+  T acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  long long k = 0;
+  for (; k + 8 <= d; k += 8)
+    for (int l = 0; l < 8; ++l) acc[l] += a[k + l] * b[k + l];
+  for (; k < d; ++k) acc[0] += a[k] * b[k];
+  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+
+template <typename T>
+void load_block(const SupconBackwardArgs& a, long long m, long long row0, long long rows, T* dst) {
+  const T* z = reinterpret_cast<const T*>(a.z);
+  for (long long r = 0; r < rows; ++r)
+    for (long long k = 0; k < a.d; ++k)
+      dst[r * a.d + k] = z[supcon::offset3(m, row0 + r, k, a.sz_m, a.sz_n, a.sz_d)];
+}
+
+template <typename T>
+void run_host(const SupconBackwardArgs& a, int num_threads) {
+  const long long n = a.n, d = a.d;
+  const long long row_blocks = (n + kBI - 1) / kBI;
+  const long long total = row_blocks * a.m;
+  const float* theta = reinterpret_cast<const float*>(a.theta);
+  const float* logd = reinterpret_cast<const float*>(a.logd);
+  const float* w = reinterpret_cast<const float*>(a.w);
+  const float* inv_npos = reinterpret_cast<const float*>(a.inv_npos);
+  const int* labels = reinterpret_cast<const int*>(a.labels);
+  T* grad = reinterpret_cast<T*>(a.grad);
+  const double inv_tau = a.inv_tau;
+  std::atomic<long long> next{0};
+
+  auto worker = [&]() {
+    std::vector<T> zi(kBI * d), zj(kBJ * d);
+    std::vector<double> coef(kBI * kBJ), out(kBI * d);  // double accumulation on the host
+    std::vector<supcon::RowStats> si(kBI), sj(kBJ);
+    for (long long task = next++; task < total; task = next++) {
+      const long long m = task / row_blocks;
+      const long long i0 = (task % row_blocks) * kBI;
+      const long long bi = std::min(kBI, n - i0);
+      load_block<T>(a, m, i0, bi, zi.data());
+      for (long long r = 0; r < bi; ++r) si[r] = supcon::load_row(theta, logd, w, inv_npos, labels, m, i0 + r, n);
+      std::fill(out.begin(), out.end(), 0.0);
+      for (long long j0 = 0; j0 < n; j0 += kBJ) {
+        const long long bj = std::min(kBJ, n - j0);
+        load_block<T>(a, m, j0, bj, zj.data());
+        for (long long c = 0; c < bj; ++c) sj[c] = supcon::load_row(theta, logd, w, inv_npos, labels, m, j0 + c, n);
+        for (long long r = 0; r < bi; ++r)
+          for (long long c = 0; c < bj; ++c) {
+            const T s = dot<T>(&zi[r * d], &zj[c * d], d);
+            coef[r * kBJ + c] = supcon::pair_coeff<double>(static_cast<double>(s), i0 + r, j0 + c, si[r], sj[c], inv_tau);
+          }
+        for (long long r = 0; r < bi; ++r) {
+          double* o = &out[r * d];
+          for (long long c = 0; c < bj; ++c) {
+            const double g = coef[r * kBJ + c];
+            if (g == 0.0) continue;
+            const T* zc = &zj[c * d];
+            for (long long k = 0; k < d; ++k) o[k] += g * zc[k];
+          }
+        }
+      }
+      for (long long r = 0; r < bi; ++r)
+        for (long long k = 0; k < d; ++k) grad[(m * n + i0 + r) * d + k] = static_cast<T>(out[r * d + k]);
+    }
+  };
+
+  int threads = num_threads > 0 ? num_threads : static_cast<int>(std::thread::hardware_concurrency());
+  threads = static_cast<int>(std::max<long long>(1, std::min<long long>(threads, total)));
+  if (threads == 1) {
+    worker();
+    return;
+  }
+  std::vector<std::thread> pool;
+  for (int t = 0; t < threads; ++t) pool.emplace_back(worker);
+  for (auto& t : pool) t.join();
+}
+
+}  // namespace
+
+void supcon_backward_host(const SupconBackwardArgs& args, int num_threads) {
+  if (args.m < 0 || args.n < 0 || args.d < 0) throw std::invalid_argument("supcon_backward_host: negative size");
+  if (args.m == 0 || args.n == 0 || args.d == 0) return;
+  if (args.dtype == kFloat32) return run_host<float>(args, num_threads);
+  if (args.dtype == kFloat64) return run_host<double>(args, num_threads);
+  throw std::invalid_argument("supcon_backward_host: z must be float32 or float64 (dtype code " +
+                              std::to_string(args.dtype) + ")");
+}
+
+#ifndef MCNCL_WITH_CUDA
+// Host-only build (no nvcc): the CUDA entry point exists and says why it cannot run.
+void supcon_backward_cuda(const SupconBackwardArgs&, std::uintptr_t) {
+  throw std::runtime_error("mcncl_fast._C was built without CUDA: supcon_backward_cuda is unavailable");
+}
+#endif
+
+}  // namespace mcncl

@@ -1,0 +1,218 @@
+"""Triton forward of the hard-negative SupCon loss (DESIGN.md §4.3, paper eq. 26).
+
+One program = BM anchor rows of one modality. Similarities S = Z_I Z_J^T are recomputed tile by
+tile with tl.dot (IEEE for float32, float32 accumulation for 16-bit) by ONE helper, `_sim_tile`,
+used by every pass, so the selection, the hard mask and the denominator all see bit-identical
+values. Nothing of size N x N is stored; per row the kernel writes theta, log D and the sum of
+positive similarities (O(M·N)).
+
+Exact selection of t_i = k_i-th largest negative similarity (ties at t_i all included):
+work on the order-preserving uint32 key of the float32 similarity (-0.0 mapped to +0.0), keep a
+bracket [lo, hi] of keys with count(key >= lo) >= k > count(key > hi), and narrow it with a
+16-bin histogram of the keys inside the bracket (bins of width 2^shift, the counts of the 16
+bins packed as 8-bit fields into two uint64 per row and tile, unpacked per tile):
+  pass 1 (stats):  min / max negative key (initial bracket), sum of positives, row max
+  passes 2..:      one histogram pass per 4 bits: lo moves to the highest bin whose suffix count
+                   is still >= k; stops when lo == hi (lo is then t_i's key) or when
+                   count(key >= lo) == k (then {key >= lo} is exactly the hard set)
+  last pass:       D_i = sum over positives and negatives with key >= lo of exp(s/tau)
+                   (shifted by the row max), plus t_i and the largest negative below it.
+Bounded cost: a 32-bit key range needs at most 8 histogram passes, so at most 10 passes over the
+similarity tiles in all (typically fewer: a row stops as soon as lo separates the k-th from the
+(k+1)-th largest). The number of histogram passes each program ran is written to `passes`.
+
+Saved threshold theta_i: a value in (t_i^-, t_i] (midpoint of t_i and the largest negative
+below it; -inf if every negative is hard, +inf if there is none), so that a backward that
+recomputes s_ij with a different summation order still classifies the threshold element.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+LOG2E = 1.4426950408889634
+
+# (BM, BN) tiles. The interpreter costs per program x loop iteration, so it gets big tiles.
+GPU_CONFIGS = [
+    triton.Config({"BM": 64, "BN": 64}, num_warps=4, num_stages=2),
+    triton.Config({"BM": 128, "BN": 64}, num_warps=8, num_stages=2),
+    triton.Config({"BM": 64, "BN": 128}, num_warps=8, num_stages=2),
+]
+INTERPRETER_CONFIGS = [triton.Config({"BM": 128, "BN": 128}, num_warps=4, num_stages=1)]
+CONFIGS = INTERPRETER_CONFIGS if INTERPRET else GPU_CONFIGS
+NUM_BINS = 16
+MAX_HIST_PASSES = 8
+
+
+def block_k(d: int) -> int:
+    """The K tile the launcher uses for a feature size d (constexpr BK)."""
+    bk = max(16, triton.next_power_of_2(d))
+    return bk if INTERPRET else min(bk, 64)
+
+
+@triton.jit
+def _key(s):
+    """Order-preserving uint32 key of float32 s; -0.0 and +0.0 get the same key."""
+    s = tl.where(s == 0.0, 0.0, s)
+    bits = s.to(tl.uint32, bitcast=True)
+    top = tl.full(bits.shape, 1, tl.uint32) << 31
+    return tl.where((bits >> 31) != 0, ~bits, bits | top)
+
+
+@triton.jit
+def _sim_tile(z_m, rows, cols, N, D, stride_n, stride_d, BM: tl.constexpr, BN: tl.constexpr,
+              BK: tl.constexpr):
+    """S[BM, BN] = Z[rows] Z[cols]^T in float32; the one place similarities are computed."""
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for d0 in range(0, D, BK):
+        dk = d0 + tl.arange(0, BK)
+        a = tl.load(z_m + rows[:, None] * stride_n + dk[None, :] * stride_d,
+                    mask=(rows[:, None] < N) & (dk[None, :] < D), other=0.0)
+        b = tl.load(z_m + cols[None, :] * stride_n + dk[:, None] * stride_d,
+                    mask=(cols[None, :] < N) & (dk[:, None] < D), other=0.0)
+        if z_m.dtype.element_ty == tl.float32:
+            acc = tl.dot(a, b, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc)
+    return acc
+
+
+@triton.jit
+def _masks(rows, cols, lab_i, lab_j, N):
+    valid = (rows[:, None] < N) & (cols[None, :] < N)
+    same = lab_i[:, None] == lab_j[None, :]
+    neg = valid & (same == 0)
+    pos = valid & same & (rows[:, None] != cols[None, :])
+    return neg, pos
+
+
+@triton.autotune(configs=CONFIGS, key=["D"])
+@triton.jit
+def supcon_forward_kernel(z_ptr, labels_ptr, k_ptr, theta_ptr, logd_ptr, possum_ptr, passes_ptr,
+                          N, D, stride_m, stride_n, stride_d, inv_tau, passes_stride,
+                          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    pid = tl.program_id(0)
+    m = tl.program_id(1)
+    z_m = z_ptr + m.to(tl.int64) * stride_m
+    rows = pid * BM + tl.arange(0, BM)
+    rmask = rows < N
+    lab_i = tl.load(labels_ptr + rows, mask=rmask, other=0)
+    k_i = tl.load(k_ptr + rows, mask=rmask, other=0)
+
+    # ---- pass 1: initial bracket (min / max negative key), positives, row max
+    minkey = tl.full((BM,), 0xFFFFFFFF, tl.uint32)
+    maxkey = tl.zeros((BM,), tl.uint32)
+    nneg = tl.zeros((BM,), tl.int32)
+    possum = tl.zeros((BM,), tl.float32)
+    rowmax = tl.full((BM,), float("-inf"), tl.float32)
+    for j0 in range(0, N, BN):
+        cols = j0 + tl.arange(0, BN)
+        lab_j = tl.load(labels_ptr + cols, mask=cols < N, other=0)
+        s = _sim_tile(z_m, rows, cols, N, D, stride_n, stride_d, BM, BN, BK)
+        neg, pos = _masks(rows, cols, lab_i, lab_j, N)
+        key = _key(s)
+        minkey = tl.minimum(minkey, tl.min(tl.where(neg, key, tl.full((BM, BN), 0xFFFFFFFF, tl.uint32)), axis=1))
+        maxkey = tl.maximum(maxkey, tl.max(tl.where(neg, key, tl.zeros((BM, BN), tl.uint32)), axis=1))
+        nneg += tl.sum(neg.to(tl.int32), axis=1)
+        possum += tl.sum(tl.where(pos, s, 0.0), axis=1)
+        rowmax = tl.maximum(rowmax, tl.max(tl.where(neg | pos, s, float("-inf")), axis=1))
+
+    # ---- passes 2..: 16-bin histogram narrowing of [lo, hi] in key space
+    lo = minkey
+    hi = maxkey
+    c_lo = nneg                      # count(key >= lo)
+    done = (k_i <= 0) | (c_lo == k_i) | (lo == hi)
+    bins = tl.arange(0, 16)
+    field = (tl.where(bins < 8, bins, bins - 8) * 8).to(tl.uint64)
+    npass = 0
+    remaining = tl.sum((done == 0).to(tl.int32), axis=0)
+    while remaining > 0:
+        width = hi - lo
+        shift = tl.zeros((BM,), tl.uint32)
+        for b in tl.static_range(28):
+            shift += ((width >> (b + 4)) != 0).to(tl.uint32)
+        hist = tl.zeros((BM, 16), tl.int32)
+        for j0 in range(0, N, BN):
+            cols = j0 + tl.arange(0, BN)
+            lab_j = tl.load(labels_ptr + cols, mask=cols < N, other=0)
+            s = _sim_tile(z_m, rows, cols, N, D, stride_n, stride_d, BM, BN, BK)
+            neg, pos = _masks(rows, cols, lab_i, lab_j, N)
+            key = _key(s)
+            inside = neg & (done[:, None] == 0) & (key >= lo[:, None]) & (key <= hi[:, None])
+            b = (key - lo[:, None]) >> shift[:, None]
+            zero64 = tl.zeros((BM, BN), tl.uint64)
+            one = tl.where(inside, tl.full((BM, BN), 1, tl.uint64) << ((b & 7) * 8).to(tl.uint64), zero64)
+            acc_a = tl.sum(tl.where(b < 8, one, zero64), axis=1)
+            acc_b = tl.sum(tl.where(b < 8, zero64, one), axis=1)
+            fa = (acc_a[:, None] >> field[None, :]) & 0xFF
+            fb = (acc_b[:, None] >> field[None, :]) & 0xFF
+            hist += tl.where(bins[None, :] < 8, fa, fb).to(tl.int32)
+        # count(key >= lo + b * 2^shift) = c_lo - (number inside the bracket in bins < b)
+        below = tl.cumsum(hist, axis=1) - hist
+        cnt_ge = c_lo[:, None] - below
+        best = tl.sum((cnt_ge >= k_i[:, None]).to(tl.int32), axis=1) - 1   # >= 0: bin 0 qualifies
+        pick = bins[None, :] == best[:, None]
+        new_c_lo = tl.sum(tl.where(pick, cnt_ge, 0), axis=1)
+        new_lo64 = lo.to(tl.int64) + (best.to(tl.int64) << shift.to(tl.int64))
+        new_hi64 = new_lo64 + (tl.full((BM,), 1, tl.int64) << shift.to(tl.int64)) - 1
+        new_hi64 = tl.minimum(new_hi64, hi.to(tl.int64))
+        lo = tl.where(done, lo, new_lo64.to(tl.uint32))
+        hi = tl.where(done, hi, new_hi64.to(tl.uint32))
+        c_lo = tl.where(done, c_lo, new_c_lo)
+        done = done | (c_lo == k_i) | (lo == hi)
+        npass += 1
+        # at most 8 passes: each one removes 4 bits of the bracket width (guard, never reached)
+        remaining = tl.sum((done == 0).to(tl.int32), axis=0) * (npass < 8).to(tl.int32)
+
+    # ---- last pass: denominator over positives and hard negatives (key >= lo)
+    scale = inv_tau * 1.4426950408889634
+    sumexp = tl.zeros((BM,), tl.float32)
+    t_hard = tl.full((BM,), float("inf"), tl.float32)      # smallest hard negative = t_i
+    t_below = tl.full((BM,), float("-inf"), tl.float32)    # largest negative below t_i
+    has_k = k_i > 0
+    for j0 in range(0, N, BN):
+        cols = j0 + tl.arange(0, BN)
+        lab_j = tl.load(labels_ptr + cols, mask=cols < N, other=0)
+        s = _sim_tile(z_m, rows, cols, N, D, stride_n, stride_d, BM, BN, BK)
+        neg, pos = _masks(rows, cols, lab_i, lab_j, N)
+        key = _key(s)
+        hard = neg & has_k[:, None] & (key >= lo[:, None])
+        den = hard | pos
+        sumexp += tl.sum(tl.where(den, tl.exp2((s - rowmax[:, None]) * scale), 0.0), axis=1)
+        t_hard = tl.minimum(t_hard, tl.min(tl.where(hard, s, float("inf")), axis=1))
+        t_below = tl.maximum(t_below, tl.max(tl.where(neg & (hard == 0), s, float("-inf")), axis=1))
+    logd = tl.where(sumexp > 0, rowmax * inv_tau + tl.log(tl.where(sumexp > 0, sumexp, 1.0)), 0.0)
+    mid = 0.5 * tl.minimum(t_hard, 3.0e38) + 0.5 * tl.maximum(t_below, -3.0e38)
+    mid = tl.where((mid > t_below) & (mid <= t_hard), mid, t_hard)
+    theta = tl.where(has_k, tl.where(t_below == float("-inf"), float("-inf"), mid), float("inf"))
+    out = m.to(tl.int64) * N + rows
+    tl.store(theta_ptr + out, theta, mask=rmask)
+    tl.store(logd_ptr + out, logd, mask=rmask)
+    tl.store(possum_ptr + out, possum, mask=rmask)
+    tl.store(passes_ptr + m * passes_stride + pid, npass)
+
+
+def supcon_forward(z: torch.Tensor, labels: torch.Tensor, k: torch.Tensor, temperature: float, out=None):
+    """z [M, N, D] (float32/float16/bfloat16, any strides), labels/k int32 [N].
+
+    Returns (theta, logd, possum, passes): float32 [M, N] x 3 and int32 [M, cdiv(N, 16)] (histogram
+    passes per program; unused slots stay 0). `out` = preallocated (theta, logd, possum) buffers.
+    """
+    m, n, d = z.shape
+    if out is None:
+        out = tuple(torch.empty(m, n, device=z.device, dtype=torch.float32) for _ in range(3))
+    theta, logd, possum = out
+    passes = torch.zeros(m, triton.cdiv(n, 16), device=z.device, dtype=torch.int32)
+    if n == 0 or m == 0:
+        return theta, logd, possum, passes
+
+    def grid(meta):
+        return (triton.cdiv(n, meta["BM"]), m)
+
+    supcon_forward_kernel[grid](z, labels, k, theta, logd, possum, passes, n, d, z.stride(0), z.stride(1),
+                                z.stride(2), 1.0 / temperature, passes.stride(0), BK=block_k(d))
+    return theta, logd, possum, passes
