@@ -1,6 +1,7 @@
-"""Command line: `python -m mcncl_fast {train,evaluate} ...`.
+"""Command line: `python -m mcncl_fast {train,evaluate,extract} ...`.
 
-User mistakes (bad option values, missing or corrupt checkpoints, unreadable
+Multi-GPU: `torchrun --nproc_per_node=N -m mcncl_fast train ...` (DDP; NCCL on
+GPUs, gloo on CPU; --batch-size is per process). User mistakes (bad option values, missing or corrupt checkpoints, unreadable
 data files) are reported as one line on stderr with exit status 2.
 """
 from __future__ import annotations
@@ -12,7 +13,13 @@ from pathlib import Path
 
 from .data import DATASETS
 from .model import ModelConfig
-from .train import TrainConfig, UserError, evaluate, format_report, train
+from .train import LR_SCHEDULES, PRECISIONS, TrainConfig, UserError, evaluate, format_report, train
+
+DATASET_HELP = ("synthetic: generated MELD-shaped data (no file); meld / iemocap: a DialogueRNN/COSMIC feature "
+                "pickle (9-tuple) as --data-path - dev is carved from train (10%%, fixed seed); MELD has no visual "
+                "features: the model then sees ONE ALL-ZERO visual frame (dim 1) per utterance unless --visual-path "
+                "is given; features: a folder of our feature store (train/dev/test.safetensors, from "
+                "`python -m mcncl_fast extract`)")
 
 # ModelConfig fields the data decides; everything else is a command-line option
 DATA_FIELDS = {"text_dim", "audio_dim", "visual_dim", "num_classes"}
@@ -35,8 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
     d = TrainConfig()
 
     tr = sub.add_parser("train", help="train a model and report on the test split")
-    tr.add_argument("--dataset", choices=DATASETS, default=d.dataset)
-    tr.add_argument("--data-path", default=None, help="data file or folder (real data sets)")
+    tr.add_argument("--dataset", choices=DATASETS, default=d.dataset, help=DATASET_HELP)
+    tr.add_argument("--data-path", default=None, help="data file (meld, iemocap) or folder (features)")
+    tr.add_argument("--visual-path", default=None,
+                    help="meld/iemocap only: pickle or torch.save file holding a dict {dialogue id: per-utterance "
+                         "visual features ([Dv] vectors -> one frame, or [frames, Dv] arrays)}; replaces the "
+                         "pickle's visual stream (MELD default: one zero frame of dim 1)")
     tr.add_argument("--synthetic-scale", type=float, default=d.synthetic_scale,
                     help="size of the synthetic data set relative to MELD's dialogue counts")
     tr.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:N")
@@ -46,6 +57,18 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--lr", type=float, default=d.lr)
     tr.add_argument("--weight-decay", type=float, default=d.weight_decay)
     tr.add_argument("--grad-clip", type=float, default=d.grad_clip, help="max gradient norm, 0 = off")
+    tr.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=d.lr_schedule,
+                    help="learning-rate decay after the warmup, per optimizer step")
+    tr.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio,
+                    help="fraction of all steps with a linear warmup from 0 to --lr")
+    tr.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio,
+                    help="final learning rate of cosine/linear decay, as a fraction of --lr")
+    tr.add_argument("--patience", type=int, default=d.patience,
+                    help="early stopping: stop after N epochs without a better dev weighted F1 (0 = off)")
+    tr.add_argument("--precision", choices=PRECISIONS, default=d.precision,
+                    help="bf16: torch.autocast to bfloat16 for training and evaluation")
+    tr.add_argument("--compile", action="store_true", help="torch.compile the model")
+    tr.add_argument("--compile-backend", default=d.compile_backend, help="torch.compile backend (with --compile)")
     tr.add_argument("--modalities", default=d.modalities, help="inputs used: any of t, a, v (others zeroed)")
     tr.add_argument("--num-workers", type=int, default=d.num_workers)
     tr.add_argument("--output-dir", default=d.output_dir)
@@ -56,8 +79,18 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--checkpoint", required=True)
     ev.add_argument("--split", choices=["train", "dev", "test"], default="test")
     ev.add_argument("--device", default="auto")
-    ev.add_argument("--output", default=None, help="write the report as JSON here")
+    ev.add_argument("--output", default=None,
+                    help="write the report as JSON here; <stem>_f1_table.md and <stem>_confusion.png go beside it")
+    _add_extract_parser(sub)
     return parser
+
+
+def _add_extract_parser(sub):
+    from .data.extract import add_arguments
+    ex = sub.add_parser("extract", help="MELD raw media -> feature store (needs the [extract] extra)",
+                        description="Extract text/audio/visual features from the MELD raw layout into a feature "
+                                    "store folder usable with `train --dataset features --data-path OUTPUT`.")
+    add_arguments(ex)
 
 
 def _train_config(args) -> TrainConfig:
@@ -70,7 +103,9 @@ def _train_config(args) -> TrainConfig:
                        device=args.device, seed=args.seed, epochs=args.epochs, batch_size=args.batch_size,
                        lr=args.lr, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
                        output_dir=args.output_dir, modalities=args.modalities, num_workers=args.num_workers,
-                       model=model)
+                       model=model, visual_path=args.visual_path, precision=args.precision, compile=args.compile,
+                       compile_backend=args.compile_backend, lr_schedule=args.lr_schedule,
+                       warmup_ratio=args.warmup_ratio, min_lr_ratio=args.min_lr_ratio, patience=args.patience)
 
 
 def main(argv=None) -> int:
@@ -78,8 +113,12 @@ def main(argv=None) -> int:
     try:
         if args.command == "train":
             report = train(_train_config(args), resume=args.resume)
-            print(format_report(report))
-            print(f"best checkpoint: {report['checkpoint']}  report: {Path(args.output_dir) / 'report.json'}")
+            if report.get("files"):   # rank 0 only under torchrun
+                print(format_report(report))
+                print(f"best checkpoint: {report['checkpoint']}  report: {Path(args.output_dir) / 'report.json'}")
+        elif args.command == "extract":
+            from .data.extract import run_from_args
+            run_from_args(args)
         else:
             report = evaluate(args.checkpoint, split=args.split, device=args.device, output=args.output)
             print(format_report(report))
