@@ -27,10 +27,15 @@ import triton
 import triton.language as tl
 
 from .psa import (BRANCHES, CONV_CONFIGS, ELEMENTWISE_CONFIGS, PRUNE, SE_CONFIGS, block_h, block_l, block_q,
-                  dot_dtype, frame_ok, mask_arg, pack_conv)
+                  dot_dtype, empty, frame_ok, interpreting, mask_arg, pack_conv)
 
 TAPS = 3 + 5 + 7 + 9
-MAX_PARTIALS = 32
+
+
+def max_partials() -> int:
+    # row chunks of the dW reduction: enough programs for a GPU (x 24 taps); 2 in the interpreter,
+    # which pays per program (2 still exercises the two-stage sum)
+    return 2 if interpreting() else 32
 
 
 @triton.jit
@@ -213,23 +218,22 @@ def psa_backward(grad, x, y, z, h, g, weights, fc1_w, fc2_w, frame_mask, pool: b
     grad = grad.contiguous()
     n, length, c = x.shape
     q = c // BRANCHES
-    dev = x.device
-    f32 = dict(device=dev, dtype=torch.float32)
+    f32 = torch.float32
     mask, has_mask = mask_arg(x, frame_mask)
     if frame_mask is None:
-        cnt = torch.full((n,), float(max(length, 1)), **f32)
+        cnt = torch.full((n,), float(max(length, 1)), device=x.device, dtype=f32)
     else:
         cnt = frame_mask.sum(dim=1).clamp(min=1).to(torch.float32)
     if pool:
         dg = grad
     else:
-        dg = torch.empty(n, c, **f32)
+        dg = empty((n, c), x, f32)
         _psa_gate_grad_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_M"] // meta["BLOCK_L"]),
                                             triton.cdiv(c, meta["BLOCK_C"]))](
             grad, y.contiguous(), mask, dg, n, length, c, HAS_MASK=has_mask)
-    dpre2 = torch.empty(n, c, **f32)
-    dpre1 = torch.empty(n, q, **f32)
-    a = torch.empty(n, c, **f32)
+    dpre2 = empty((n, c), x, f32)
+    dpre1 = empty((n, q), x, f32)
+    a = empty((n, c), x, f32)
     _psa_se_bwd_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_R"]),)](
         dg, z, h, g, cnt, fc1_w.contiguous(), fc2_w.contiguous(), dpre2, dpre1, a, n, c, q,
         POOL=pool, BLOCK_H=block_h(q))
@@ -243,15 +247,15 @@ def psa_backward(grad, x, y, z, h, g, weights, fc1_w, fc2_w, frame_mask, pool: b
     bq = block_q(q)
     nqb = triton.cdiv(q, bq)
     dout = x if pool else grad          # unused dummy when HAS_DOUT is False
-    dx = torch.empty_like(x)
+    dx = empty(x.shape, x)
     _psa_conv_dx_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_M"] // meta["BLOCK_L"]), BRANCHES * nqb)](
         dout, g, a, mask, w_packed, dx, n, length, c, q,
         HAS_DOUT=not pool, HAS_MASK=has_mask, DOT_DTYPE=dot_dtype(x.dtype), BLOCK_Q=bq)
-    rows_per_prog = triton.cdiv(n, min(n, MAX_PARTIALS))
+    rows_per_prog = triton.cdiv(n, min(n, max_partials()))
     parts = triton.cdiv(n, rows_per_prog)
     total_w = w_packed.numel()
-    dw_part = torch.empty(parts, total_w, **f32)
-    db_part = torch.empty(parts, c, **f32)
+    dw_part = empty((parts, total_w), x, f32)
+    db_part = empty((parts, c), x, f32)
     _psa_conv_dw_kernel[(parts, TAPS * nqb * nqb)](
         dout, g, a, mask, x, dw_part, db_part, n, length, c, q, rows_per_prog, total_w,
         HAS_DOUT=not pool, HAS_MASK=has_mask, DOT_DTYPE=dot_dtype(x.dtype), BLOCK_Q=bq)
