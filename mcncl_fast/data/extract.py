@@ -123,19 +123,21 @@ def _save_atomic(obj, path: Path) -> None:
             os.unlink(tmp)
 
 
-def _check_options(output: Path, options: dict, overwrite: bool) -> None:
+def _check_options(output: Path, options: dict, overwrite: bool, commit: bool) -> None:
+    """Refuse cached work made with other options (before loading any model); with `commit`, clear it
+    (--overwrite) and record the options of this run."""
     cache = output / ".cache"
     saved = cache / "options.json"
-    if saved.is_file():
-        before = json.loads(saved.read_text())
-        if before != options:
-            if not overwrite:
-                changed = sorted(k for k in options if before.get(k) != options[k])
-                raise UserError(f"--output: {output} holds work extracted with other options ({', '.join(changed)}); "
-                                f"use another --output or --overwrite")
+    before = json.loads(saved.read_text()) if saved.is_file() else None
+    if before is not None and before != options and not overwrite:
+        changed = sorted(k for k in options if before.get(k) != options[k])
+        raise UserError(f"--output: {output} holds work extracted with other options ({', '.join(changed)}); "
+                        f"use another --output or --overwrite")
+    if commit:
+        if before is not None and before != options:
             shutil.rmtree(cache)
-    cache.mkdir(parents=True, exist_ok=True)
-    saved.write_text(json.dumps(options, indent=1, sort_keys=True))
+        cache.mkdir(parents=True, exist_ok=True)
+        saved.write_text(json.dumps(options, indent=1, sort_keys=True))
 
 
 def extract(meld_dir, output, text_model, visual_model, splits=("train", "dev", "test"), clips_dir=None,
@@ -160,10 +162,11 @@ def extract(meld_dir, output, text_model, visual_model, splits=("train", "dev", 
                "visual_model": visual_model if str(visual_model).lower() == "none" else str(Path(visual_model).resolve()),
                "visual_output": visual_output, "fps": fps, "max_frames": max_frames, "image_size": image_size,
                "store_dtype": store_dtype}
+    _check_options(output, options, overwrite, commit=False)
     text = TextEncoder(text_model, text_pooling, text_max_length, device)
     audio = AudioEncoder(audio_feature_set, audio_sample_rate)
     visual = VisualEncoder(visual_model, visual_output, fps, max_frames, image_size, frame_batch_size, device)
-    _check_options(output, options, overwrite)
+    _check_options(output, options, overwrite, commit=True)
     summary, all_skipped = {"splits": {}, "skipped": []}, []
     for split in splits:
         cache = output / ".cache" / split

@@ -13,7 +13,8 @@
   subsampled), RGB, shorter side resized to --image-size (bilinear, antialias),
   centre-cropped to a square, ImageNet mean/std normalised, then an image model
   from --visual-model, a local file:
-    *.pt2                 a torch.export program (ExportedProgram; its module's output per frame)
+    *.pt2                 a torch.export program (torch.export.save; export it with a dynamic batch
+                          dimension: frames are run in batches of up to --frame-batch-size)
     TorchScript archive   torch.jit.save output (its forward's output per frame)
     otherwise             a torchvision-format ResNet state_dict (e.g. resnet101-63fe2227.pth);
                           architecture read from the keys; --visual-output logits (fc output,
@@ -23,6 +24,7 @@
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import List
 
@@ -106,7 +108,7 @@ class AudioEncoder:
     def __call__(self, clip: Path) -> torch.Tensor:
         wav = clip.with_suffix(".wav")
         signal = decode_audio(wav if wav.is_file() else clip, self.sample_rate)
-        values = self.smile.process_signal(signal, self.sample_rate).to_numpy(dtype=np.float32).reshape(-1)
+        values = np.array(self.smile.process_signal(signal, self.sample_rate).to_numpy(dtype=np.float32).reshape(-1))
         if not np.isfinite(values).all():
             raise ValueError("openSMILE returned non-finite features (clip too short?)")
         return torch.from_numpy(values)
@@ -163,10 +165,14 @@ def load_image_model(path: str, output: str = "logits"):
         except Exception as exc:
             raise UserError(f"--visual-model: {p} is not a loadable torch.export program ({type(exc).__name__})") from None
     try:
-        obj = torch.load(str(p), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():   # torch.load warns before refusing a TorchScript archive
+            warnings.simplefilter("ignore")
+            obj = torch.load(str(p), map_location="cpu", weights_only=True)
     except Exception as exc:
         try:   # a TorchScript archive is a zip that torch.load refuses
-            module = torch.jit.load(str(p), map_location="cpu").eval()
+            with warnings.catch_warnings():   # torch.jit is deprecated, still the format many models ship in
+                warnings.simplefilter("ignore", DeprecationWarning)
+                module = torch.jit.load(str(p), map_location="cpu").eval()
             return module, module, "TorchScript module"
         except Exception:
             raise UserError(f"--visual-model: {p} is neither a state_dict, a TorchScript file nor a .pt2 "
