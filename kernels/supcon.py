@@ -36,22 +36,37 @@ import triton.language as tl
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 LOG2E = 1.4426950408889634
 
-# (BM, BN) tiles. The interpreter costs per program x loop iteration, so it gets big tiles.
+# (BM, BN) tiles; 8 warps keep every GPU config below 255 registers without spills (checked with
+# ptxas -v on the AOT-compiled PTX). float32 (FMA dot, BK = 16) only launches with BM = 64: at
+# BM = 128 it spills. The interpreter costs per program x loop iteration, so it gets big tiles.
 GPU_CONFIGS = [
-    triton.Config({"BM": 64, "BN": 64}, num_warps=4, num_stages=2),
+    triton.Config({"BM": 64, "BN": 64}, num_warps=8, num_stages=2),
     triton.Config({"BM": 128, "BN": 64}, num_warps=8, num_stages=2),
-    triton.Config({"BM": 64, "BN": 128}, num_warps=8, num_stages=2),
 ]
 INTERPRETER_CONFIGS = [triton.Config({"BM": 128, "BN": 128}, num_warps=4, num_stages=1)]
 CONFIGS = INTERPRETER_CONFIGS if INTERPRET else GPU_CONFIGS
-NUM_BINS = 16
 MAX_HIST_PASSES = 8
 
 
-def block_k(d: int) -> int:
-    """The K tile the launcher uses for a feature size d (constexpr BK)."""
+def block_k(d: int, dtype: torch.dtype) -> int:
+    """The K tile (constexpr BK) the launcher uses for feature size d and dtype."""
     bk = max(16, triton.next_power_of_2(d))
-    return bk if INTERPRET else min(bk, 64)
+    if INTERPRET:
+        return bk
+    return 16 if dtype == torch.float32 else min(bk, 64)
+
+
+def configs_for(dtype: torch.dtype, configs=None):
+    """The autotune configs launched for z of this dtype (float32: BM = 64 only)."""
+    configs = CONFIGS if configs is None else configs
+    if INTERPRET:
+        return configs[:1]
+    kept = [c for c in configs if dtype != torch.float32 or c.kwargs["BM"] == 64]
+    return kept or configs[:1]
+
+
+def _prune(configs, named_args, **kwargs):
+    return configs_for(named_args["z_ptr"].dtype, configs)
 
 
 @triton.jit
@@ -64,9 +79,13 @@ def _key(s):
 
 
 @triton.jit
-def _sim_tile(z_m, rows, cols, N, D, stride_n, stride_d, BM: tl.constexpr, BN: tl.constexpr,
+def _sim_tile(z_m, r0, c0, N, D, stride_n, stride_d, BM: tl.constexpr, BN: tl.constexpr,
               BK: tl.constexpr):
-    """S[BM, BN] = Z[rows] Z[cols]^T in float32; the one place similarities are computed."""
+    """S[BM, BN] = Z[r0:r0+BM] Z[c0:c0+BN]^T in float32: the one place similarities are computed
+    Every pass inlines this same code; the accumulation order is fixed by the dot's K loop, so the
+    passes see bit-identical values (noinline would serialise the wgmma pipeline and spill)."""
+    rows = r0 + tl.arange(0, BM)
+    cols = c0 + tl.arange(0, BN)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for d0 in range(0, D, BK):
         dk = d0 + tl.arange(0, BK)
@@ -90,7 +109,7 @@ def _masks(rows, cols, lab_i, lab_j, N):
     return neg, pos
 
 
-@triton.autotune(configs=CONFIGS, key=["D"])
+@triton.autotune(configs=CONFIGS, key=["D"], prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def supcon_forward_kernel(z_ptr, labels_ptr, k_ptr, theta_ptr, logd_ptr, possum_ptr, passes_ptr,
                           N, D, stride_m, stride_n, stride_d, inv_tau, passes_stride,
@@ -112,7 +131,7 @@ def supcon_forward_kernel(z_ptr, labels_ptr, k_ptr, theta_ptr, logd_ptr, possum_
     for j0 in range(0, N, BN):
         cols = j0 + tl.arange(0, BN)
         lab_j = tl.load(labels_ptr + cols, mask=cols < N, other=0)
-        s = _sim_tile(z_m, rows, cols, N, D, stride_n, stride_d, BM, BN, BK)
+        s = _sim_tile(z_m, pid * BM, j0, N, D, stride_n, stride_d, BM, BN, BK)
         neg, pos = _masks(rows, cols, lab_i, lab_j, N)
         key = _key(s)
         minkey = tl.minimum(minkey, tl.min(tl.where(neg, key, tl.full((BM, BN), 0xFFFFFFFF, tl.uint32)), axis=1))
@@ -133,21 +152,21 @@ def supcon_forward_kernel(z_ptr, labels_ptr, k_ptr, theta_ptr, logd_ptr, possum_
     while remaining > 0:
         width = hi - lo
         shift = tl.zeros((BM,), tl.uint32)
-        for b in tl.static_range(28):
-            shift += ((width >> (b + 4)) != 0).to(tl.uint32)
+        for bit in tl.static_range(28):
+            shift += ((width >> (bit + 4)) != 0).to(tl.uint32)
         hist = tl.zeros((BM, 16), tl.int32)
         for j0 in range(0, N, BN):
             cols = j0 + tl.arange(0, BN)
             lab_j = tl.load(labels_ptr + cols, mask=cols < N, other=0)
-            s = _sim_tile(z_m, rows, cols, N, D, stride_n, stride_d, BM, BN, BK)
+            s = _sim_tile(z_m, pid * BM, j0, N, D, stride_n, stride_d, BM, BN, BK)
             neg, pos = _masks(rows, cols, lab_i, lab_j, N)
             key = _key(s)
             inside = neg & (done[:, None] == 0) & (key >= lo[:, None]) & (key <= hi[:, None])
-            b = (key - lo[:, None]) >> shift[:, None]
+            bin_ = (key - lo[:, None]) >> shift[:, None]
             zero64 = tl.zeros((BM, BN), tl.uint64)
-            one = tl.where(inside, tl.full((BM, BN), 1, tl.uint64) << ((b & 7) * 8).to(tl.uint64), zero64)
-            acc_a = tl.sum(tl.where(b < 8, one, zero64), axis=1)
-            acc_b = tl.sum(tl.where(b < 8, zero64, one), axis=1)
+            one = tl.where(inside, tl.full((BM, BN), 1, tl.uint64) << ((bin_ & 7) * 8).to(tl.uint64), zero64)
+            acc_a = tl.sum(tl.where(bin_ < 8, one, zero64), axis=1)
+            acc_b = tl.sum(tl.where(bin_ < 8, zero64, one), axis=1)
             fa = (acc_a[:, None] >> field[None, :]) & 0xFF
             fb = (acc_b[:, None] >> field[None, :]) & 0xFF
             hist += tl.where(bins[None, :] < 8, fa, fb).to(tl.int32)
@@ -177,7 +196,7 @@ def supcon_forward_kernel(z_ptr, labels_ptr, k_ptr, theta_ptr, logd_ptr, possum_
     for j0 in range(0, N, BN):
         cols = j0 + tl.arange(0, BN)
         lab_j = tl.load(labels_ptr + cols, mask=cols < N, other=0)
-        s = _sim_tile(z_m, rows, cols, N, D, stride_n, stride_d, BM, BN, BK)
+        s = _sim_tile(z_m, pid * BM, j0, N, D, stride_n, stride_d, BM, BN, BK)
         neg, pos = _masks(rows, cols, lab_i, lab_j, N)
         key = _key(s)
         hard = neg & has_k[:, None] & (key >= lo[:, None])
@@ -214,5 +233,5 @@ def supcon_forward(z: torch.Tensor, labels: torch.Tensor, k: torch.Tensor, tempe
         return (triton.cdiv(n, meta["BM"]), m)
 
     supcon_forward_kernel[grid](z, labels, k, theta, logd, possum, passes, n, d, z.stride(0), z.stride(1),
-                                z.stride(2), 1.0 / temperature, passes.stride(0), BK=block_k(d))
+                                z.stride(2), 1.0 / temperature, passes.stride(0), BK=block_k(d, z.dtype))
     return theta, logd, possum, passes
