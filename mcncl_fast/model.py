@@ -5,6 +5,8 @@ subclass); only the op namespace and two hooks differ.
 """
 from __future__ import annotations
 
+import torch
+
 from . import ops as fast_ops
 from .reference.model import Model as ReferenceModel
 from .reference.model import ModelConfig, ModelOutput
@@ -18,3 +20,13 @@ class Model(ReferenceModel):
     def _pool_visual(self, frames, frame_mask):
         # pooled PSA without materialising the [N, L, C] output
         return fast_ops.psa_pool(frames, *self.psa.op_args(), frame_mask=frame_mask)
+
+    def _cross_attend(self, attns, queries, keys, key_padding_mask):
+        """The three streams' attentions of one sub-layer as one grouped launch.
+
+        Projections are stacked in their [B, S, H, Dh] memory layout (one copy each for q, k, v);
+        the grouped output keeps that layout, so each stream's head merge is a view."""
+        projected = [attn.project(query, key_value) for attn, query, key_value in zip(attns, queries, keys)]
+        q, k, v = (torch.stack([p[i].transpose(1, 2) for p in projected]).transpose(2, 3) for i in range(3))
+        out = fast_ops.attention_grouped(q, k, v, key_padding_mask)
+        return [attn.merge(out[g]) for g, attn in enumerate(attns)]

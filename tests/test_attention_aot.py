@@ -1,0 +1,103 @@
+"""Ahead-of-time compile of the attention kernels for sm_90 and sm_80 (DESIGN.md §6).
+
+Every kernel x autotune config it can launch with (after the shared-memory prune) x dtype x
+head dim, with and without a key padding mask; the shared memory must fit each target.
+"""
+from __future__ import annotations
+
+import contextlib
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+import triton
+from triton.runtime.interpreter import InterpretedFunction
+
+import mcncl_fast.kernels.attention as kernels
+from tests.aot import POINTER, TARGETS, compile_for_targets, unwrap
+
+
+@contextlib.contextmanager
+def real_jit(*modules):
+    """Under TRITON_INTERPRET=1 every @triton.jit function (triton.language's own tl.max, tl.sum,
+    tl.cdiv, ... and the helpers a kernel calls) is an InterpretedFunction, which the GPU compiler
+    rejects: swap real JITFunctions in for the duration of a compile."""
+    swapped = []
+    owners = [m for name, m in list(sys.modules.items()) if name.startswith("triton.language")] + list(modules)
+    for module in owners:
+        for name, value in list(vars(module).items()):
+            if isinstance(value, InterpretedFunction):
+                swapped.append((module, name, value))
+                setattr(module, name, triton.runtime.JITFunction(value.fn))
+    try:
+        yield
+    finally:
+        for module, name, value in reversed(swapped):
+            setattr(module, name, value)
+
+
+KERNELS = {"fwd": (kernels.attn_fwd, kernels.FWD_CONFIGS), "dq": (kernels.attn_bwd_dq, kernels.BWD_CONFIGS),
+           "dkdv": (kernels.attn_bwd_dkdv, kernels.BWD_CONFIGS)}
+DATA = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"}
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _signature(kernel, dtype):
+    sig = {}
+    for name in unwrap(kernel).arg_names:
+        if name in DATA:
+            sig[name] = POINTER[str(dtype).replace("torch.", "")]
+        elif name in ("LSE", "DELTA"):
+            sig[name] = "*fp32"
+        elif name == "MASK":
+            sig[name] = "*i1"
+        elif name in ("qk_scale", "sm_scale"):
+            sig[name] = "fp32"
+        elif name not in ("HEAD_DIM", "HAS_MASK", "PRECISION", "BLOCK_M", "BLOCK_N"):
+            sig[name] = "i32"
+    return sig
+
+
+def _launched_configs(kind, dtype, head_dim):
+    """The configs the autotuner would benchmark on a GPU for this dtype / head dim."""
+    configs = KERNELS[kind][1]
+    fake_q = SimpleNamespace(element_size=lambda: torch.empty((), dtype=dtype).element_size())
+    interp, kernels.INTERPRET = kernels.INTERPRET, False
+    try:
+        return kernels.prune_configs(configs, {"Q": fake_q}, kind, HEAD_DIM=head_dim)
+    finally:
+        kernels.INTERPRET = interp
+
+
+def test_prune_keeps_fitting_configs_and_the_first_one_in_the_interpreter(monkeypatch):
+    fake_q = SimpleNamespace(element_size=lambda: 4)
+    for kind, (_, configs) in KERNELS.items():
+        monkeypatch.setattr(kernels, "INTERPRET", True)
+        assert kernels.prune_configs(configs, {"Q": fake_q}, kind, HEAD_DIM=128) == configs[:1]
+        monkeypatch.setattr(kernels, "INTERPRET", False)
+        assert kernels.prune_configs(configs, {"Q": fake_q}, kind, HEAD_DIM=16) == configs
+
+
+@pytest.mark.parametrize("head_dim", kernels.HEAD_DIMS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind", list(KERNELS))
+def test_compiles_within_shared_memory(kind, dtype, head_dim, record_property):
+    kernel = KERNELS[kind][0]
+    configs = _launched_configs(kind, dtype, head_dim)
+    assert configs, "no config left"
+    sig = _signature(kernel, dtype)
+    shared = []
+    for config in configs:
+        for has_mask in (True, False):
+            constexprs = dict(config.kwargs, HEAD_DIM=head_dim, HAS_MASK=has_mask,
+                              PRECISION="ieee" if dtype == torch.float32 else "tf32")
+            with real_jit(kernels):
+                out = compile_for_targets(kernel, sig, constexprs, num_warps=config.num_warps,
+                                          num_stages=config.num_stages)
+            shared.append(max(c.metadata.shared for c in out.values()))
+            # the estimate that prunes configs must not under-estimate (else a launch could fail)
+            assert shared[-1] <= kernels.SMEM_LIMIT
+            for target in TARGETS:
+                assert "cubin" in out[target.name].asm
+    record_property("max_shared_bytes", max(shared))
