@@ -108,6 +108,11 @@ def batch_to_device(batch, device, modalities: str = "tav"):
 
 def metrics_report(y_true, y_pred, class_names) -> dict:
     labels = list(range(len(class_names)))
+    if len(y_true) == 0:   # an empty split (e.g. every clip of a tiny extraction skipped)
+        zeros = {name: 0.0 for name in class_names}
+        return {"weighted_f1": 0.0, "accuracy": 0.0, "per_class_f1": zeros, "support": dict.fromkeys(class_names, 0),
+                "class_names": list(class_names), "confusion_matrix": [[0] * len(labels) for _ in labels],
+                "classification_report": "(no utterances)"}
     report = classification_report(y_true, y_pred, labels=labels, target_names=class_names,
                                    output_dict=True, zero_division=0)
     return {"weighted_f1": float(f1_score(y_true, y_pred, labels=labels, average="weighted", zero_division=0)),
@@ -115,8 +120,7 @@ def metrics_report(y_true, y_pred, class_names) -> dict:
             "per_class_f1": {name: float(report[name]["f1-score"]) for name in class_names},
             "support": {name: int(report[name]["support"]) for name in class_names},
             "class_names": list(class_names),
-            "confusion_matrix": confusion_matrix(y_true, y_pred, labels=labels).tolist() if len(y_true)
-            else [[0] * len(labels) for _ in labels],
+            "confusion_matrix": confusion_matrix(y_true, y_pred, labels=labels).tolist(),
             "classification_report": classification_report(y_true, y_pred, labels=labels, target_names=class_names,
                                                            digits=4, zero_division=0)}
 
@@ -186,8 +190,16 @@ def load_checkpoint(path) -> dict:
     return state
 
 
+def _visual_frames_fp32(module, inputs, output):
+    # Under bf16 autocast the frame projection would feed bf16 frames to PSA, whose ops take x and their
+    # parameters in ONE dtype (fp32 here): keep the small PSA block in fp32; the rest runs in bf16.
+    return output.float() if torch.is_autocast_enabled(output.device.type) else output
+
+
 def build_model(model_config: ModelConfig, device) -> Model:
-    return Model(model_config).to(device)
+    model = Model(model_config).to(device)
+    model.encoders["v"].register_forward_hook(_visual_frames_fp32)
+    return model
 
 
 def model_config_for(cfg: TrainConfig, splits: DataSplits) -> ModelConfig:
