@@ -54,25 +54,27 @@ def chunked_forward(z: torch.Tensor, labels: torch.Tensor, k: torch.Tensor, temp
         zm = z[m]
         for r0 in range(0, n, block):
             rows = torch.arange(r0, min(n, r0 + block))
+            ar = torch.arange(len(rows))
             s = zm[rows] @ zm.T                                           # [B, N]
-            same = labels[rows, None] == labels[None, :]
-            pos = same.clone()
-            pos[torch.arange(len(rows)), rows] = False
+            pos = labels[rows, None] == labels[None, :]
+            neg_s = s.masked_fill(pos, -inf)                              # negatives only
+            pos[ar, rows] = False
             kb = k[rows]
-            neg_s = s.masked_fill(same, -inf)
-            ranked = neg_s.sort(dim=1, descending=True).values
-            t = ranked.gather(1, (kb - 1).clamp(min=0)[:, None])           # k-th largest negative
-            del ranked
-            hard = (neg_s >= t) & (kb > 0)[:, None]                        # ties at t included
-            below = neg_s.masked_fill(hard, -inf).amax(dim=1)              # largest negative < t
-            t = t[:, 0]
+            # t_i = k_i-th largest negative; k depends on the class only, so rows share few k values
+            t = torch.full((len(rows),), inf, dtype=z.dtype)
+            for kv in kb.unique().tolist():
+                if kv > 0:
+                    sel = (kb == kv).nonzero().squeeze(1)
+                    t[sel] = neg_s[sel].kthvalue(n - kv + 1, dim=1).values
+            hard = neg_s >= t[:, None]                                    # ties at t included
+            below = neg_s.masked_fill_(hard, -inf).amax(dim=1)            # largest negative < t
+            del neg_s
             mid = 0.5 * t + 0.5 * below
             mid = torch.where((mid > below) & (mid <= t), mid, t)
             theta[m, rows] = torch.where(kb > 0, torch.where(below == -inf, -inf, mid), inf)
-            logits = (s / temperature).masked_fill(~(hard | pos), -inf)
-            lse = torch.logsumexp(logits, dim=1)
+            possum[m, rows] = torch.where(pos, s, 0.0).sum(dim=1)
+            lse = torch.logsumexp(s.div_(temperature).masked_fill_(~(hard | pos), -inf), dim=1)
             logd[m, rows] = torch.where(torch.isfinite(lse), lse, 0.0)
-            possum[m, rows] = (s * pos).sum(dim=1)
     return theta, logd, possum
 
 
