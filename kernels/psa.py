@@ -1,8 +1,9 @@
 """Fused Pyramid Squeeze Attention, forward (DESIGN.md §3, §4.1; issue #5).
 
 x [N, L, C], Q = C/4 channels per branch s = 0..3, kernel K_s = 2s + 3, zero padding s + 1.
-The four conv weights are packed into one flat buffer (branch s at offset Q*Q*s*(s+2), layout
-[Q_out, Q_in, K_s] as in nn.Conv1d) so one kernel serves every branch.
+The four conv weights are packed into one flat buffer (branch s at offset Q*Q*s*(s+2), transposed
+to [K_s, Q_in, Q_out] so each tap is one contiguous [Q_in, Q_out] matrix) so one kernel serves
+every branch.
 
 Kernels (one launch each):
   _psa_conv_fwd_kernel   grid (row blocks, 4 branches x output-channel blocks). One pass over x:
@@ -59,11 +60,12 @@ def block_h(q: int) -> int:
 
 
 # first config = the one the interpreter uses (large tiles: it costs per program x iteration)
+# num_stages=1 for the large tiles: with 2 stages the fp32 backward kernels at BLOCK_M=256 need
+# > 166912 bytes of shared memory (A100 limit); tests/test_psa_aot.py checks every config.
 CONV_CONFIGS = [
-    triton.Config({"BLOCK_M": 256}, num_warps=8, num_stages=2),
-    triton.Config({"BLOCK_M": 128}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_M": 256}, num_warps=8, num_stages=1),
+    triton.Config({"BLOCK_M": 128}, num_warps=8, num_stages=1),
     triton.Config({"BLOCK_M": 64}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_M": 64}, num_warps=4, num_stages=3),
 ]
 ELEMENTWISE_CONFIGS = [
     triton.Config({"BLOCK_M": 64, "BLOCK_C": 256}, num_warps=8, num_stages=1),
@@ -71,7 +73,6 @@ ELEMENTWISE_CONFIGS = [
 ]
 SE_CONFIGS = [
     triton.Config({"BLOCK_R": 32, "BLOCK_C": 64}, num_warps=4, num_stages=1),
-    triton.Config({"BLOCK_R": 16, "BLOCK_C": 64}, num_warps=4, num_stages=1),
 ]
 PRUNE = {"early_config_prune": prune_first_in_interpreter}
 
@@ -142,8 +143,8 @@ def _psa_conv_fwd_kernel(x_ptr, mask_ptr, w_ptr, b_ptr, y_ptr, z_ptr, N, L, C, Q
                 ci = i0 + offs_i
                 i_ok = ci < Q
                 xs = tl.load(x_row[:, None] + ci[None, :], mask=src_ok[:, None] & i_ok[None, :], other=0.0)
-                wt = tl.load(w_base + offs_o[None, :] * (Q * K) + ci[:, None] * K + j,
-                             mask=i_ok[:, None] & o_ok[None, :], other=0.0)
+                wt = tl.load(w_base + j * Q * Q + ci[:, None] * Q + offs_o[None, :],
+                             mask=i_ok[:, None] & o_ok[None, :], other=0.0)          # W[o, i, j] as [i, o]
                 acc += tl.dot(xs.to(DOT_DTYPE), wt.to(DOT_DTYPE), input_precision="ieee")
         y = acc + bias[None, :]
         t_ok = row_ok & (t < L)
@@ -218,8 +219,8 @@ def _psa_gate_apply_kernel(y_ptr, g_ptr, mask_ptr, out_ptr, N, L, C,
 
 
 def pack_conv(weights, biases):
-    """4 conv weights [Q, Q, K_s] -> one flat buffer; 4 biases -> [C]."""
-    return (torch.cat([w.reshape(-1) for w in weights]).contiguous(),
+    """4 conv weights [Q_out, Q_in, K_s] -> one flat buffer of [K_s, Q_in, Q_out] blocks; 4 biases -> [C]."""
+    return (torch.cat([w.permute(2, 1, 0).reshape(-1) for w in weights]).contiguous(),
             torch.cat(list(biases)).contiguous())
 
 

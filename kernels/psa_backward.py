@@ -153,8 +153,8 @@ def _psa_conv_dx_kernel(dout_ptr, g_ptr, a_ptr, mask_ptr, w_ptr, dx_ptr, N, L, C
                 co = o0 + offs_o
                 o_ok = co < Q
                 dy = dy_tile(dout_ptr, g_ptr, a_ptr, rows64, src, src_ok, s * Q + co, o_ok, L, C, HAS_DOUT)
-                w = tl.load(w_base + co[:, None] * (Q * K) + offs_i[None, :] * K + j,
-                            mask=o_ok[:, None] & i_ok[None, :], other=0.0)         # W[o, i, j]
+                w = tl.load(w_base + j * Q * Q + offs_i[None, :] * Q + co[:, None],
+                            mask=o_ok[:, None] & i_ok[None, :], other=0.0)         # W[o, i, j] as [o, i]
                 acc += tl.dot(dy.to(DOT_DTYPE), w.to(DOT_DTYPE), input_precision="ieee")
         t_ok = row_ok & (t < L)
         valid = frame_ok(mask_ptr, rows64, t, t_ok, L, HAS_MASK)
@@ -178,7 +178,6 @@ def _psa_conv_dw_kernel(dout_ptr, g_ptr, a_ptr, mask_ptr, x_ptr, dw_ptr, db_ptr,
     ob = (pid_t // num_qb) % num_qb
     ib = pid_t % num_qb
     s = (tap >= 3).to(tl.int32) + (tap >= 8).to(tl.int32) + (tap >= 15).to(tl.int32)
-    K = 2 * s + 3
     PAD = s + 1
     j = tap - s * (s + 2)
     offs_o = ob * BLOCK_Q + tl.arange(0, BLOCK_Q)
@@ -206,7 +205,7 @@ def _psa_conv_dw_kernel(dout_ptr, g_ptr, a_ptr, mask_ptr, x_ptr, dw_ptr, db_ptr,
             acc += tl.dot(tl.trans(dy.to(DOT_DTYPE)), xs.to(DOT_DTYPE), input_precision="ieee")
             db += tl.sum(dy, axis=0)
     w_out = dw_ptr + pid_p.to(tl.int64) * TOTAL_W + Q * Q * s * (s + 2)
-    tl.store(w_out + offs_o[:, None] * (Q * K) + offs_i[None, :] * K + j, acc, mask=o_ok[:, None] & i_ok[None, :])
+    tl.store(w_out + j * Q * Q + offs_i[None, :] * Q + offs_o[:, None], acc, mask=o_ok[:, None] & i_ok[None, :])
     if (j == 0) & (ib == 0):
         tl.store(db_ptr + pid_p.to(tl.int64) * C + s * Q + offs_o, db, mask=o_ok)
 
@@ -263,7 +262,8 @@ def psa_backward(grad, x, y, z, h, g, weights, fc1_w, fc2_w, frame_mask, pool: b
     db = db_part.sum(dim=0).to(x.dtype)
     d_weights, d_biases, offset = [], [], 0
     for s, w in enumerate(weights):
-        d_weights.append(dw_flat[offset:offset + w.numel()].view_as(w).to(w.dtype, copy=True))
+        k = w.shape[-1]      # packed as [K, Q_in, Q_out]; a fresh contiguous copy (outputs must not alias)
+        d_weights.append(dw_flat[offset:offset + w.numel()].view(k, q, q).permute(2, 1, 0).contiguous().to(w.dtype))
         d_biases.append(db[s * q:(s + 1) * q].clone())
         offset += w.numel()
     return (dx, *d_weights, *d_biases, d_fc1_w, d_fc1_b, d_fc2_w, d_fc2_b)

@@ -125,6 +125,16 @@ def test_parity(device, name, n, length, channels, dtype, mask):
 
 
 @pytest.mark.parametrize("device", kernel_devices())
+@pytest.mark.parametrize("channels", [24, 272], ids=["Q6-one-masked-block", "Q68-two-channel-blocks"])
+def test_parity_channel_blocks(device, channels):
+    """C/4 not a power of two: masked channel blocks; C/4 > 64: several channel blocks per branch."""
+    inputs = make_inputs(2, 3, channels, device=device, mask="scattered")
+    mask = inputs[4]
+    mask[1] = True
+    check_parity("psa", inputs, torch.float32)
+
+
+@pytest.mark.parametrize("device", kernel_devices())
 def test_all_rows_padded(device):
     inputs = make_inputs(3, 4, 64, device=device, mask=None)
     mask = torch.zeros(3, 4, dtype=torch.bool, device=device)

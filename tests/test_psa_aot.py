@@ -1,0 +1,119 @@
+"""Ahead-of-time compile of the PSA kernels for sm_90 and sm_80 (DESIGN.md §6).
+
+Every kernel x autotune config x dtype (float32 / float16 / bfloat16) it launches with, for the
+constexpr flags it is launched with (mask / no mask, psa / psa_pool), at the frame tiles of the
+shapes in use (BLOCK_L = 32 for L = 32, 8 for L = 7, 1 for L = 1) and at the channel blocks of
+C = 256 (BLOCK_Q = 64) and C = 64 (BLOCK_Q = 16); the shared memory must fit each target.
+The shared-memory bytes per kernel/config are recorded as a test property (max over targets).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import triton.language as tl
+
+import mcncl_fast.kernels.psa as fwd
+import mcncl_fast.kernels.psa_backward as bwd
+from tests.aot import POINTER, TARGETS, compile_for_targets, unwrap
+from tests.test_attention_aot import real_jit
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+DOT = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}  # compiled
+FP32_ARGS = {"z_ptr", "h_ptr", "g_ptr", "a_ptr", "cnt_ptr", "dpre2_ptr", "dpre1_ptr", "dw_ptr", "db_ptr"}
+CONSTEXPR = {"HAS_MASK", "STORE_Y", "DOT_DTYPE", "BLOCK_Q", "BLOCK_M", "BLOCK_L", "BLOCK_C", "BLOCK_R", "BLOCK_H",
+             "POOL", "HAS_DOUT"}
+
+
+def signature(kernel, dtype, pool=False):
+    data = POINTER[str(dtype).replace("torch.", "")]
+    sig = {}
+    for name in unwrap(kernel).arg_names:
+        if name in CONSTEXPR:
+            continue
+        if name in FP32_ARGS:
+            sig[name] = "*fp32"
+        elif name == "mask_ptr":
+            sig[name] = "*u8"
+        elif name == "dg_ptr":          # dg (fp32) for psa, d pool (input dtype) for psa_pool
+            sig[name] = data if pool else "*fp32"
+        elif name == "pool_ptr":
+            sig[name] = data if pool else "*fp32"
+        elif name.endswith("_ptr"):
+            sig[name] = data
+        else:
+            sig[name] = "i32"
+    return sig
+
+
+# kernel -> (configs, variants: list of (flag constexprs, pool)); conv kernels also get BLOCK_Q / BLOCK_L
+CONV = {
+    "conv_fwd": (fwd._psa_conv_fwd_kernel, [dict(STORE_Y=True), dict(STORE_Y=False)]),
+    "conv_dx": (bwd._psa_conv_dx_kernel, [dict(HAS_DOUT=True), dict(HAS_DOUT=False)]),
+    "conv_dw": (bwd._psa_conv_dw_kernel, [dict(HAS_DOUT=True), dict(HAS_DOUT=False)]),
+}
+SMALL = {
+    "se_fwd": (fwd._psa_se_fwd_kernel, fwd.SE_CONFIGS, True),
+    "se_bwd": (bwd._psa_se_bwd_kernel, fwd.SE_CONFIGS, True),
+    "gate_apply": (fwd._psa_gate_apply_kernel, fwd.ELEMENTWISE_CONFIGS, False),
+    "gate_grad": (bwd._psa_gate_grad_kernel, fwd.ELEMENTWISE_CONFIGS, False),
+}
+
+
+def _compile(kernel, sig, constexprs, config):
+    with real_jit(fwd, bwd):
+        out = compile_for_targets(kernel, sig, constexprs, num_warps=config.num_warps,
+                                  num_stages=config.num_stages)
+    for target in TARGETS:
+        assert "cubin" in out[target.name].asm
+    return max(c.metadata.shared for c in out.values())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind", list(CONV))
+def test_conv_kernels_compile(kind, dtype, record_property):
+    kernel, variants = CONV[kind]
+    shared = {}
+    for index, config in enumerate(fwd.CONV_CONFIGS):
+        block_m = config.kwargs["BLOCK_M"]
+        # every config at the main shape (C = 256, L = 32) with every feature on (mask, y store / dout:
+        # the most code and memory); with float32 the first config also at L = 1 (BLOCK_L = 1),
+        # L = 7 with C = 64, a whole-tile row (BLOCK_L = BLOCK_M), and with the features off
+        shapes = [(64, 32, True, variants[0])]
+        if index == 0 and dtype == torch.float32:
+            shapes += [(16, 1, True, variants[0]), (16, 8, False, variants[1]), (64, block_m, False, variants[1])]
+        for block_q, block_l, has_mask, flags in shapes:
+            if True:
+                constexprs = dict(config.kwargs, BLOCK_Q=block_q, BLOCK_L=block_l, HAS_MASK=has_mask,
+                                  DOT_DTYPE=DOT[dtype], **flags)
+                key = f"BLOCK_M={block_m},w{config.num_warps},s{config.num_stages},Q{block_q},L{block_l}"
+                shared[key] = max(shared.get(key, 0),
+                                  _compile(kernel, signature(kernel, dtype), constexprs, config))
+    record_property("shared_bytes", shared)
+    print(kind, dtype, shared)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind", list(SMALL))
+def test_small_kernels_compile(kind, dtype, record_property):
+    kernel, configs, has_pool = SMALL[kind]
+    shared = {}
+    for config in configs:
+        for pool in ((False, True) if has_pool else (False,)):
+            constexprs = dict(config.kwargs)
+            if has_pool:
+                constexprs.update(POOL=pool, BLOCK_H=64)
+            else:
+                constexprs.update(HAS_MASK=True)
+                if kind == "gate_grad":
+                    constexprs.update(BLOCK_L=32)
+            key = ",".join(f"{k}={v}" for k, v in config.kwargs.items()) + f",w{config.num_warps},pool={pool}"
+            shared[key] = _compile(kernel, signature(kernel, dtype, pool), constexprs, config)
+    record_property("shared_bytes", shared)
+    print(kind, dtype, shared)
+
+
+def test_interpreter_prunes_to_first_config(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert fwd.prune_first_in_interpreter(fwd.CONV_CONFIGS, {}) == fwd.CONV_CONFIGS[:1]
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert fwd.prune_first_in_interpreter(fwd.CONV_CONFIGS, {}) == fwd.CONV_CONFIGS
