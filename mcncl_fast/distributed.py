@@ -142,6 +142,11 @@ def global_batch_loss(logits: torch.Tensor, features: Dict[str, torch.Tensor], l
     """
     if supcon is None:
         from .ops import supcon_hard_negative_loss as supcon
+    with torch.autocast(device_type=logits.device.type, enabled=False):   # the loss is computed in fp32
+        return _global_batch_loss(logits, features, labels, utterance_mask, config, supcon)
+
+
+def _global_batch_loss(logits, features, labels, utterance_mask, config, supcon):
     valid = labels[utterance_mask]
     ce_sum = F.cross_entropy(logits[utterance_mask].float(), valid, reduction="sum")
     z = torch.stack([features[f"proj_{m}"][utterance_mask] for m in MODALITIES], dim=1).float()  # [n, 3, P]

@@ -328,14 +328,16 @@ def _train(cfg, state, ctx, out_dir, step_callback):
                    disable=not main)
         for step, batch in enumerate(bar):
             batch = batch_to_device(batch, device, cfg.modalities)
-            with autocast(device, cfg.precision):
-                if ctx.enabled:   # loss of the global batch: SupCon over every rank's embeddings
+            if ctx.enabled or cfg.precision != "fp32":
+                # DDP: the loss of the global batch (SupCon over every rank's embeddings); bf16: the forward
+                # under autocast, the loss (CE, SupCon) outside it in fp32. Same formula as Model.forward.
+                with autocast(device, cfg.precision):
                     out = train_forward(batch["text"], batch["audio"], batch["visual"], batch["utterance_mask"],
                                         batch["frame_mask"])
-                    loss = distributed.global_batch_loss(out.logits, out.features, batch["labels"],
-                                                         batch["utterance_mask"], model_config, supcon)["loss"]
-                else:
-                    loss = train_forward(**batch).loss
+                loss = distributed.global_batch_loss(out.logits, out.features, batch["labels"],
+                                                     batch["utterance_mask"], model_config, supcon)["loss"]
+            else:
+                loss = train_forward(**batch).loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip > 0:
