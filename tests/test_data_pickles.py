@@ -142,3 +142,23 @@ def test_wrong_and_truncated_files(tmp_path):
     (tmp_path / "rows.pkl").write_bytes(pickle.dumps(tuple(obj)))
     with pytest.raises(UserError, match=r"videoText: expected shape \(3, D\)"):
         load_dataset("iemocap", tmp_path / "rows.pkl")
+
+
+def test_cli_trains_on_pickles_and_reports_one_line_errors(tmp_path, monkeypatch, capsys):
+    from mcncl_fast.cli import main
+    monkeypatch.setenv("MCNCL_FAST_BACKEND", "reference")   # the data plumbing is under test, not the kernels
+    path, *_ = _iemocap(tmp_path)
+    tiny = ["--epochs", "1", "--batch-size", "4", "--d-model", "8", "--num-layers", "1", "--num-heads", "2",
+            "--proj-dim", "4", "--device", "cpu"]
+    assert main(["train", "--dataset", "iemocap", "--data-path", str(path), "--output-dir", str(tmp_path / "i"),
+                 *tiny]) == 0
+    assert "| Model | Happy | Sad | Neutral | Angry | Excited | Frustrated | W-F1 |" in capsys.readouterr().out
+    mpath, *_ = _meld(tmp_path)
+    assert main(["train", "--dataset", "meld", "--data-path", str(mpath), "--output-dir", str(tmp_path / "m"),
+                 *tiny]) == 0
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "m" / "best.pt"), "--device", "cpu"]) == 0
+    capsys.readouterr()
+    (tmp_path / "trunc.pkl").write_bytes(path.read_bytes()[:100])
+    assert main(["train", "--dataset", "iemocap", "--data-path", str(tmp_path / "trunc.pkl"), *tiny]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "IEMOCAP layout" in err
