@@ -1,5 +1,6 @@
 """`python -m mcncl_fast extract` end to end on tiny real media built here (WAV, MP4, CSV, text model, ResNet)."""
 import csv
+import inspect
 import json
 import warnings
 import wave
@@ -61,7 +62,13 @@ def _mp4(path, seed, seconds=1.0, rate=10, audio=True):
 
 def _text_model(folder):
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS
-    tok = transformers.BertTokenizer(vocab={w: i for i, w in enumerate(vocab)})
+    folder.mkdir(exist_ok=True)
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    if "vocab" in inspect.signature(transformers.BertTokenizer.__init__).parameters:   # transformers >= 5
+        tok = transformers.BertTokenizer(vocab={w: i for i, w in enumerate(vocab)})
+    else:
+        tok = transformers.BertTokenizer(vocab_file=str(folder / "vocab.txt"))
+    assert tok("hello world")["input_ids"] == [2, 5, 6, 3]
     tok.save_pretrained(str(folder))
     cfg = transformers.BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                                   intermediate_size=32, max_position_embeddings=64)
