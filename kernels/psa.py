@@ -9,11 +9,12 @@ Kernels (one launch each):
   _psa_conv_fwd_kernel   grid (row blocks, 4 branches x output-channel blocks). One pass over x:
                          the branch conv as K_s small matmuls tl.dot([frames, Q_in], W_j[Q_in, Q_out])
                          over shifted frame windows (input zeroed at padded frames), + bias; stores the
-                         branch output y (psa only) and the squeeze z = masked mean over frames (fp32).
+                         branch output y and the squeeze z = masked mean over frames (fp32).
   _psa_se_fwd_kernel     grid (row blocks). SE MLP h = relu(fc1 z), g = sigmoid(fc2 h) (fp32); for
-                         psa_pool also writes g * z (= masked mean of psa's output), so psa_pool never
-                         materialises [N, L, C].
-  _psa_gate_apply_kernel grid (frame blocks, channel blocks). out = y * g * frame_mask (psa only).
+                         psa_pool also writes g * z (= masked mean of psa's output).
+  _psa_gate_apply_kernel grid (frame blocks, channel blocks). out = y * g * frame_mask.
+psa_pool does not run the per-frame convolution at all (kernels/psa_pool.py): the squeeze is a
+convolution of windowed sums of x, so it never materialises [N, L, C].
 The SE MLP is a separate small kernel rather than fused into the conv kernel: the gate of a row
 needs the squeeze of all four branches, which live in four different programs. Fusing the gate
 into the conv pass would need one program per row holding [L, C] of y in registers (or a second
@@ -111,7 +112,7 @@ def frame_ok(mask_ptr, rows64, t, ok, L, HAS_MASK: tl.constexpr):
 @triton.heuristics({"BLOCK_L": block_l})
 @triton.jit
 def _psa_conv_fwd_kernel(x_ptr, mask_ptr, w_ptr, b_ptr, y_ptr, z_ptr, N, L, C, Q,
-                         HAS_MASK: tl.constexpr, STORE_Y: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                         HAS_MASK: tl.constexpr, DOT_DTYPE: tl.constexpr,
                          BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr):
     BLOCK_N: tl.constexpr = BLOCK_M // BLOCK_L
     pid_n = tl.program_id(0)
@@ -148,10 +149,8 @@ def _psa_conv_fwd_kernel(x_ptr, mask_ptr, w_ptr, b_ptr, y_ptr, z_ptr, N, L, C, Q
                 acc += tl.dot(xs.to(DOT_DTYPE), wt.to(DOT_DTYPE), input_precision="ieee")
         y = acc + bias[None, :]
         t_ok = row_ok & (t < L)
-        if STORE_Y:
-            y_rows = y_ptr + (rows64 * L + t) * C + s * Q
-            tl.store(y_rows[:, None] + offs_o[None, :], y.to(y_ptr.dtype.element_ty),
-                     mask=t_ok[:, None] & o_ok[None, :])
+        y_rows = y_ptr + (rows64 * L + t) * C + s * Q
+        tl.store(y_rows[:, None] + offs_o[None, :], y.to(y_ptr.dtype.element_ty), mask=t_ok[:, None] & o_ok[None, :])
         valid = frame_ok(mask_ptr, rows64, t, t_ok, L, HAS_MASK)
         ym = tl.where(valid[:, None], y, 0.0)
         zsum += tl.sum(tl.reshape(ym, (BLOCK_N, BLOCK_L, BLOCK_Q)), axis=1)
@@ -231,29 +230,34 @@ def mask_arg(x, frame_mask):
     return frame_mask.contiguous().view(torch.uint8), True
 
 
-def psa_forward(x, weights, biases, fc1_w, fc1_b, fc2_w, fc2_b, frame_mask, pool: bool):
-    """Launch the forward. Returns (out [N, L, C] or pool [N, C], y or None, z, h, g) (z, h, g fp32)."""
+def se_forward(z, fc1_w, fc1_b, fc2_w, fc2_b, x, pool: bool):
+    """SE MLP on the squeeze z [N, C] (fp32) -> (h, g, g * z in x's dtype if pool else None)."""
+    n, c = z.shape
+    q = c // BRANCHES
+    h = empty((n, q), x, torch.float32)
+    g = empty((n, c), x, torch.float32)
+    pooled = empty((n, c), x) if pool else None
+    _psa_se_fwd_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_R"]),)](
+        z, fc1_w.contiguous(), fc1_b.contiguous(), fc2_w.contiguous(), fc2_b.contiguous(), h, g,
+        pooled if pool else g, n, c, q, POOL=pool, BLOCK_H=block_h(q))
+    return h, g, pooled
+
+
+def psa_forward(x, weights, biases, fc1_w, fc1_b, fc2_w, fc2_b, frame_mask):
+    """psa's forward. Returns (out [N, L, C], y [N, L, C], z, h, g) (z, h, g fp32)."""
     x = x.contiguous()
     n, length, c = x.shape
     q = c // BRANCHES
     w_packed, b_packed = pack_conv(weights, biases)
     mask, has_mask = mask_arg(x, frame_mask)
-    f32 = torch.float32
-    z = empty((n, c), x, f32)
-    h = empty((n, q), x, f32)
-    g = empty((n, c), x, f32)
-    y = None if pool else empty(x.shape, x)
+    z = empty((n, c), x, torch.float32)
+    y = empty(x.shape, x)
     bq = block_q(q)
     _psa_conv_fwd_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_M"] // meta["BLOCK_L"]),
                                        BRANCHES * triton.cdiv(q, bq))](
-        x, mask, w_packed, b_packed, x if pool else y, z, n, length, c, q,
-        HAS_MASK=has_mask, STORE_Y=not pool, DOT_DTYPE=dot_dtype(x.dtype), BLOCK_Q=bq)
-    pooled = empty((n, c), x) if pool else z
-    _psa_se_fwd_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_R"]),)](
-        z, fc1_w.contiguous(), fc1_b.contiguous(), fc2_w.contiguous(), fc2_b.contiguous(), h, g, pooled,
-        n, c, q, POOL=pool, BLOCK_H=block_h(q))
-    if pool:
-        return pooled, None, z, h, g
+        x, mask, w_packed, b_packed, y, z, n, length, c, q,
+        HAS_MASK=has_mask, DOT_DTYPE=dot_dtype(x.dtype), BLOCK_Q=bq)
+    h, g, _ = se_forward(z, fc1_w, fc1_b, fc2_w, fc2_b, x, pool=False)
     out = empty(x.shape, x)
     _psa_gate_apply_kernel[lambda meta: (triton.cdiv(n * length, meta["BLOCK_M"]),
                                          triton.cdiv(c, meta["BLOCK_C"]))](

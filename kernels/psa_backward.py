@@ -3,10 +3,10 @@
 Math (m = frame mask, cnt = max(sum_t m, 1), y = branch output, g = gate, z = squeeze, h = SE hidden):
   psa:      out = m * y * g            dg = sum_t m * dout * y
   psa_pool: pool = g * z               dg = dpool * z,  and z gets dpool * g directly
+            (psa_pool's branch backward is in kernels/psa_pool.py: no per-frame convolution)
   SE:       dpre2 = dg * g * (1 - g);  dh = dpre2 @ fc2_w;  dpre1 = dh * (h > 0);  dz = dpre1 @ fc1_w (+ dpool * g)
             a = dz / cnt
-  branch:   dy = m * (dout * g + a)    (psa_pool: dy = m * a; dy is never materialised, each kernel
-                                        rebuilds its tile from dout, g, a, m)
+  branch:   dy = m * (dout * g + a)    (never materialised: each kernel rebuilds its tile from dout, g, a, m)
   conv:     dx[u, i] = m[u] * sum_j sum_o W[o, i, j] dy[u - j + pad, o]
             dW[o, i, j] = sum_{n, t} dy[t, o] x_m[t + j - pad, i],  db[o] = sum_{n, t} dy[t, o]
 
@@ -39,15 +39,12 @@ def max_partials() -> int:
 
 
 @triton.jit
-def dy_tile(dout_ptr, g_ptr, a_ptr, rows64, t, valid, ch, ch_ok, L, C, HAS_DOUT: tl.constexpr):
+def dy_tile(dout_ptr, g_ptr, a_ptr, rows64, t, valid, ch, ch_ok, L, C):
     """dy[row, t, ch] = m * (dout * g + a) as fp32 [rows, ch]; 0 where not valid."""
     ok2 = valid[:, None] & ch_ok[None, :]
     per_row = rows64[:, None] * C + ch[None, :]
-    d = tl.load(a_ptr + per_row, mask=ok2, other=0.0)
-    if HAS_DOUT:
-        do = tl.load(dout_ptr + ((rows64 * L + t) * C)[:, None] + ch[None, :], mask=ok2, other=0.0)
-        d += do.to(tl.float32) * tl.load(g_ptr + per_row, mask=ok2, other=0.0)
-    return d
+    do = tl.load(dout_ptr + ((rows64 * L + t) * C)[:, None] + ch[None, :], mask=ok2, other=0.0).to(tl.float32)
+    return tl.load(a_ptr + per_row, mask=ok2, other=0.0) + do * tl.load(g_ptr + per_row, mask=ok2, other=0.0)
 
 
 @triton.autotune(configs=ELEMENTWISE_CONFIGS, key=["L", "C"], prune_configs_by=PRUNE)
@@ -125,7 +122,7 @@ def _psa_se_bwd_kernel(dg_ptr, z_ptr, h_ptr, g_ptr, cnt_ptr, fc1w_ptr, fc2w_ptr,
 @triton.heuristics({"BLOCK_L": block_l})
 @triton.jit
 def _psa_conv_dx_kernel(dout_ptr, g_ptr, a_ptr, mask_ptr, w_ptr, dx_ptr, N, L, C, Q,
-                        HAS_DOUT: tl.constexpr, HAS_MASK: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                        HAS_MASK: tl.constexpr, DOT_DTYPE: tl.constexpr,
                         BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr):
     BLOCK_N: tl.constexpr = BLOCK_M // BLOCK_L
     pid_n = tl.program_id(0)
@@ -152,7 +149,7 @@ def _psa_conv_dx_kernel(dout_ptr, g_ptr, a_ptr, mask_ptr, w_ptr, dx_ptr, N, L, C
             for o0 in range(0, Q, BLOCK_Q):
                 co = o0 + offs_o
                 o_ok = co < Q
-                dy = dy_tile(dout_ptr, g_ptr, a_ptr, rows64, src, src_ok, s * Q + co, o_ok, L, C, HAS_DOUT)
+                dy = dy_tile(dout_ptr, g_ptr, a_ptr, rows64, src, src_ok, s * Q + co, o_ok, L, C)
                 w = tl.load(w_base + j * Q * Q + offs_i[None, :] * Q + co[:, None],
                             mask=o_ok[:, None] & i_ok[None, :], other=0.0)         # W[o, i, j] as [o, i]
                 acc += tl.dot(dy.to(DOT_DTYPE), w.to(DOT_DTYPE), input_precision="ieee")
@@ -168,7 +165,7 @@ def _psa_conv_dx_kernel(dout_ptr, g_ptr, a_ptr, mask_ptr, w_ptr, dx_ptr, N, L, C
 @triton.heuristics({"BLOCK_L": block_l})
 @triton.jit
 def _psa_conv_dw_kernel(dout_ptr, g_ptr, a_ptr, mask_ptr, x_ptr, dw_ptr, db_ptr, N, L, C, Q, ROWS_PER_PROG,
-                        TOTAL_W, HAS_DOUT: tl.constexpr, HAS_MASK: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                        TOTAL_W, HAS_MASK: tl.constexpr, DOT_DTYPE: tl.constexpr,
                         BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr):
     BLOCK_N: tl.constexpr = BLOCK_M // BLOCK_L
     pid_p = tl.program_id(0)
@@ -197,7 +194,7 @@ def _psa_conv_dw_kernel(dout_ptr, g_ptr, a_ptr, mask_ptr, x_ptr, dw_ptr, db_ptr,
         for t0 in range(0, L, BLOCK_L):
             t = t0 + tt
             valid = frame_ok(mask_ptr, rows64, t, row_ok & (t < L), L, HAS_MASK)
-            dy = dy_tile(dout_ptr, g_ptr, a_ptr, rows64, t, valid, s * Q + offs_o, o_ok, L, C, HAS_DOUT)
+            dy = dy_tile(dout_ptr, g_ptr, a_ptr, rows64, t, valid, s * Q + offs_o, o_ok, L, C)
             src = t + (j - PAD)
             src_ok = frame_ok(mask_ptr, rows64, src, row_ok & (src >= 0) & (src < L), L, HAS_MASK)
             x_rows = x_ptr + (rows64 * L + src) * C + s * Q
@@ -210,8 +207,34 @@ def _psa_conv_dw_kernel(dout_ptr, g_ptr, a_ptr, mask_ptr, x_ptr, dw_ptr, db_ptr,
         tl.store(db_ptr + pid_p.to(tl.int64) * C + s * Q + offs_o, db, mask=o_ok)
 
 
-def psa_backward(grad, x, y, z, h, g, weights, fc1_w, fc2_w, frame_mask, pool: bool):
-    """grad: dout [N, L, C] (psa) or dpool [N, C] (psa_pool). Returns the 13 input gradients:
+def se_backward(grad, y, z, h, g, cnt, fc1_w, fc2_w, mask, has_mask, pool: bool):
+    """SE backward. grad: d out [N, L, C] with y (psa) or d pool [N, C] (psa_pool).
+    Returns a = dz / cnt [N, C] fp32 and the fc gradients (d fc1_w, d fc1_b, d fc2_w, d fc2_b)."""
+    n, c = z.shape
+    q = c // BRANCHES
+    f32 = torch.float32
+    if pool:
+        dg = grad
+    else:
+        length = y.shape[1]
+        dg = empty((n, c), z, f32)
+        _psa_gate_grad_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_M"] // meta["BLOCK_L"]),
+                                            triton.cdiv(c, meta["BLOCK_C"]))](
+            grad, y, mask, dg, n, length, c, HAS_MASK=has_mask)
+    dpre2 = empty((n, c), z, f32)
+    dpre1 = empty((n, q), z, f32)
+    a = empty((n, c), z, f32)
+    _psa_se_bwd_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_R"]),)](
+        dg, z, h, g, cnt, fc1_w.contiguous(), fc2_w.contiguous(), dpre2, dpre1, a, n, c, q,
+        POOL=pool, BLOCK_H=block_h(q))
+    # SE parameter gradients: deterministic GEMMs / column sums over the rows
+    fc_grads = ((dpre1.t() @ z).to(fc1_w.dtype), dpre1.sum(dim=0).to(fc1_w.dtype),
+                (dpre2.t() @ h).to(fc2_w.dtype), dpre2.sum(dim=0).to(fc2_w.dtype))
+    return a, fc_grads
+
+
+def psa_backward(grad, x, y, z, h, g, weights, fc1_w, fc2_w, frame_mask):
+    """psa's backward from d out [N, L, C]. Returns the 13 input gradients:
     dx, dW x4, db x4, d fc1_w, d fc1_b, d fc2_w, d fc2_b (dtypes of the inputs)."""
     x = x.contiguous()
     grad = grad.contiguous()
@@ -222,42 +245,24 @@ def psa_backward(grad, x, y, z, h, g, weights, fc1_w, fc2_w, frame_mask, pool: b
     if frame_mask is None:
         cnt = torch.full((n,), float(max(length, 1)), device=x.device, dtype=f32)
     else:
-        cnt = frame_mask.sum(dim=1).clamp(min=1).to(torch.float32)
-    if pool:
-        dg = grad
-    else:
-        dg = empty((n, c), x, f32)
-        _psa_gate_grad_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_M"] // meta["BLOCK_L"]),
-                                            triton.cdiv(c, meta["BLOCK_C"]))](
-            grad, y.contiguous(), mask, dg, n, length, c, HAS_MASK=has_mask)
-    dpre2 = empty((n, c), x, f32)
-    dpre1 = empty((n, q), x, f32)
-    a = empty((n, c), x, f32)
-    _psa_se_bwd_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_R"]),)](
-        dg, z, h, g, cnt, fc1_w.contiguous(), fc2_w.contiguous(), dpre2, dpre1, a, n, c, q,
-        POOL=pool, BLOCK_H=block_h(q))
-    # SE parameter gradients: deterministic GEMMs / column sums over the rows
-    d_fc2_w = (dpre2.t() @ h).to(fc2_w.dtype)
-    d_fc2_b = dpre2.sum(dim=0).to(fc2_w.dtype)
-    d_fc1_w = (dpre1.t() @ z).to(fc1_w.dtype)
-    d_fc1_b = dpre1.sum(dim=0).to(fc1_w.dtype)
+        cnt = frame_mask.sum(dim=1).clamp(min=1).to(f32)
+    a, fc_grads = se_backward(grad, y.contiguous(), z, h, g, cnt, fc1_w, fc2_w, mask, has_mask, pool=False)
 
     w_packed, _ = pack_conv(weights, [w.new_empty(0) for w in weights])
     bq = block_q(q)
     nqb = triton.cdiv(q, bq)
-    dout = x if pool else grad          # unused dummy when HAS_DOUT is False
     dx = empty(x.shape, x)
     _psa_conv_dx_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_M"] // meta["BLOCK_L"]), BRANCHES * nqb)](
-        dout, g, a, mask, w_packed, dx, n, length, c, q,
-        HAS_DOUT=not pool, HAS_MASK=has_mask, DOT_DTYPE=dot_dtype(x.dtype), BLOCK_Q=bq)
+        grad, g, a, mask, w_packed, dx, n, length, c, q,
+        HAS_MASK=has_mask, DOT_DTYPE=dot_dtype(x.dtype), BLOCK_Q=bq)
     rows_per_prog = triton.cdiv(n, min(n, max_partials()))
     parts = triton.cdiv(n, rows_per_prog)
     total_w = w_packed.numel()
     dw_part = empty((parts, total_w), x, f32)
     db_part = empty((parts, c), x, f32)
     _psa_conv_dw_kernel[(parts, TAPS * nqb * nqb)](
-        dout, g, a, mask, x, dw_part, db_part, n, length, c, q, rows_per_prog, total_w,
-        HAS_DOUT=not pool, HAS_MASK=has_mask, DOT_DTYPE=dot_dtype(x.dtype), BLOCK_Q=bq)
+        grad, g, a, mask, x, dw_part, db_part, n, length, c, q, rows_per_prog, total_w,
+        HAS_MASK=has_mask, DOT_DTYPE=dot_dtype(x.dtype), BLOCK_Q=bq)
     dw_flat = dw_part.sum(dim=0)
     db = db_part.sum(dim=0).to(x.dtype)
     d_weights, d_biases, offset = [], [], 0
@@ -266,4 +271,4 @@ def psa_backward(grad, x, y, z, h, g, weights, fc1_w, fc2_w, frame_mask, pool: b
         d_weights.append(dw_flat[offset:offset + w.numel()].view(k, q, q).permute(2, 1, 0).contiguous().to(w.dtype))
         d_biases.append(db[s * q:(s + 1) * q].clone())
         offset += w.numel()
-    return (dx, *d_weights, *d_biases, d_fc1_w, d_fc1_b, d_fc2_w, d_fc2_b)
+    return (dx, *d_weights, *d_biases, *fc_grads)

@@ -14,14 +14,15 @@ import triton.language as tl
 
 import mcncl_fast.kernels.psa as fwd
 import mcncl_fast.kernels.psa_backward as bwd
+import mcncl_fast.kernels.psa_pool as pool_kernels
 from tests.aot import POINTER, TARGETS, compile_for_targets, unwrap
 from tests.test_attention_aot import real_jit
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 DOT = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}  # compiled
-FP32_ARGS = {"z_ptr", "h_ptr", "g_ptr", "a_ptr", "cnt_ptr", "dpre2_ptr", "dpre1_ptr", "dw_ptr", "db_ptr"}
-CONSTEXPR = {"HAS_MASK", "STORE_Y", "DOT_DTYPE", "BLOCK_Q", "BLOCK_M", "BLOCK_L", "BLOCK_C", "BLOCK_R", "BLOCK_H",
-             "POOL", "HAS_DOUT"}
+FP32_ARGS = {"z_ptr", "h_ptr", "g_ptr", "a_ptr", "cnt_ptr", "dpre2_ptr", "dpre1_ptr", "dw_ptr", "db_ptr", "s_ptr",
+             "bmat_ptr"}
+CONSTEXPR = {"HAS_MASK", "DOT_DTYPE", "BLOCK_Q", "BLOCK_M", "BLOCK_L", "BLOCK_C", "BLOCK_R", "BLOCK_H", "POOL"}
 
 
 def signature(kernel, dtype, pool=False):
@@ -45,11 +46,13 @@ def signature(kernel, dtype, pool=False):
     return sig
 
 
-# kernel -> (configs, variants: list of (flag constexprs, pool)); conv kernels also get BLOCK_Q / BLOCK_L
+# frame-tiled kernels (CONV_CONFIGS, BLOCK_Q / BLOCK_L); the window kernels of psa_pool have no dot
 CONV = {
-    "conv_fwd": (fwd._psa_conv_fwd_kernel, [dict(STORE_Y=True), dict(STORE_Y=False)]),
-    "conv_dx": (bwd._psa_conv_dx_kernel, [dict(HAS_DOUT=True), dict(HAS_DOUT=False)]),
-    "conv_dw": (bwd._psa_conv_dw_kernel, [dict(HAS_DOUT=True), dict(HAS_DOUT=False)]),
+    "conv_fwd": fwd._psa_conv_fwd_kernel,
+    "conv_dx": bwd._psa_conv_dx_kernel,
+    "conv_dw": bwd._psa_conv_dw_kernel,
+    "pool_window_sum": pool_kernels._psa_window_sum_kernel,
+    "pool_window_dx": pool_kernels._psa_window_dx_kernel,
 }
 SMALL = {
     "se_fwd": (fwd._psa_se_fwd_kernel, fwd.SE_CONFIGS, True),
@@ -60,7 +63,7 @@ SMALL = {
 
 
 def _compile(kernel, sig, constexprs, config):
-    with real_jit(fwd, bwd):
+    with real_jit(fwd, bwd, pool_kernels):
         out = compile_for_targets(kernel, sig, constexprs, num_warps=config.num_warps,
                                   num_stages=config.num_stages)
     for target in TARGETS:
@@ -71,20 +74,20 @@ def _compile(kernel, sig, constexprs, config):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("kind", list(CONV))
 def test_conv_kernels_compile(kind, dtype, record_property):
-    kernel, variants = CONV[kind]
+    kernel = CONV[kind]
     shared = {}
     for index, config in enumerate(fwd.CONV_CONFIGS):
         block_m = config.kwargs["BLOCK_M"]
-        # every config at the main shape (C = 256, L = 32) with every feature on (mask, y store / dout:
-        # the most code and memory); with float32 the first config also at L = 1 (BLOCK_L = 1),
-        # L = 7 with C = 64, a whole-tile row (BLOCK_L = BLOCK_M), and with the features off
-        shapes = [(64, 32, True, variants[0])]
+        # every config at the main shape (C = 256, L = 32) with a mask; with float32 the first config
+        # also at L = 1 (BLOCK_L = 1), L = 7 with C = 64, a whole-tile row (BLOCK_L = BLOCK_M), no mask
+        shapes = [(64, 32, True)]
         if index == 0 and dtype == torch.float32:
-            shapes += [(16, 1, True, variants[0]), (16, 8, False, variants[1]), (64, block_m, False, variants[1])]
-        for block_q, block_l, has_mask, flags in shapes:
+            shapes += [(16, 1, True), (16, 8, False), (64, block_m, False)]
+        for block_q, block_l, has_mask in shapes:
             if True:
-                constexprs = dict(config.kwargs, BLOCK_Q=block_q, BLOCK_L=block_l, HAS_MASK=has_mask,
-                                  DOT_DTYPE=DOT[dtype], **flags)
+                constexprs = dict(config.kwargs, BLOCK_Q=block_q, BLOCK_L=block_l, HAS_MASK=has_mask)
+                if "DOT_DTYPE" in unwrap(kernel).arg_names:
+                    constexprs["DOT_DTYPE"] = DOT[dtype]
                 key = f"BLOCK_M={block_m},w{config.num_warps},s{config.num_stages},Q{block_q},L{block_l}"
                 shared[key] = max(shared.get(key, 0),
                                   _compile(kernel, signature(kernel, dtype), constexprs, config))

@@ -1,9 +1,11 @@
 """Public PSA ops: input checks, dispatch, torch.library custom ops (DESIGN.md §3, §4.1, §5).
 
-`psa` -> [N, L, C]; `psa_pool` -> [N, C], the masked mean over valid frames of psa's output,
-computed as gate * (masked mean of the branch output) without materialising [N, L, C].
-Custom ops (namespace mcncl_fast): psa_fwd, psa_pool_fwd (forward, with the fp32 squeeze z,
-SE hidden h and gate g saved for the backward) and psa_bwd (all 13 input gradients).
+`psa` -> [N, L, C] (kernels/psa.py, kernels/psa_backward.py); `psa_pool` -> [N, C], the masked
+mean over valid frames of psa's output, computed as gate * (masked mean of the branch output) from
+windowed sums of x, without the per-frame convolution or any [N, L, C] intermediate
+(kernels/psa_pool.py). Custom ops (namespace mcncl_fast): psa_fwd, psa_pool_fwd (forward, with the
+fp32 squeeze z, SE hidden h, gate g and y / the window sums S saved for the backward) and psa_bwd
+(all 13 input gradients).
 The Triton path takes float32 / float16 / bfloat16; other dtypes (float64), empty inputs and
 plain CPU tensors take the reference.
 """
@@ -17,6 +19,7 @@ from torch import Tensor
 from .._checks import check_psa_args
 from ..kernels import psa as fwd_kernels
 from ..kernels import psa_backward as bwd_kernels
+from ..kernels import psa_pool as pool_kernels
 from ..reference import ops as reference_ops
 from ._dispatch import use_triton
 
@@ -37,7 +40,7 @@ def _psa_fwd(x: torch.Tensor, w0: torch.Tensor, w1: torch.Tensor, w2: torch.Tens
              frame_mask: Optional[torch.Tensor]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """-> [out, y, z, h, g]: output, branch output (x dtype), squeeze, SE hidden, gate (fp32)."""
     out, y, z, h, g = fwd_kernels.psa_forward(x, (w0, w1, w2, w3), (b0, b1, b2, b3), fc1_weight, fc1_bias,
-                                              fc2_weight, fc2_bias, frame_mask, pool=False)
+                                              fc2_weight, fc2_bias, frame_mask)
     return out, y, z, h, g
 
 
@@ -53,34 +56,35 @@ def _(x, w0, w1, w2, w3, b0, b1, b2, b3, fc1_weight, fc1_bias, fc2_weight, fc2_b
 def _psa_pool_fwd(x: torch.Tensor, w0: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor,
                   b0: torch.Tensor, b1: torch.Tensor, b2: torch.Tensor, b3: torch.Tensor,
                   fc1_weight: torch.Tensor, fc1_bias: torch.Tensor, fc2_weight: torch.Tensor,
-                  fc2_bias: torch.Tensor, frame_mask: Optional[torch.Tensor]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """-> [pool, z, h, g]."""
-    pool, _, z, h, g = fwd_kernels.psa_forward(x, (w0, w1, w2, w3), (b0, b1, b2, b3), fc1_weight, fc1_bias,
-                                               fc2_weight, fc2_bias, frame_mask, pool=True)
-    return pool, z, h, g
+                  fc2_bias: torch.Tensor, frame_mask: Optional[torch.Tensor]
+                  ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """-> [pool, S, z, h, g]: pooled output, windowed sums S [N, 6 C] (kernels/psa_pool.py), squeeze,
+    SE hidden, gate (fp32)."""
+    return pool_kernels.psa_pool_forward(x, (w0, w1, w2, w3), (b0, b1, b2, b3), fc1_weight, fc1_bias,
+                                         fc2_weight, fc2_bias, frame_mask)
 
 
 @_psa_pool_fwd.register_fake
 def _(x, w0, w1, w2, w3, b0, b1, b2, b3, fc1_weight, fc1_bias, fc2_weight, fc2_bias, frame_mask):
     n, _, c = x.shape
     f32 = dict(dtype=torch.float32)
-    return (x.new_empty((n, c)), x.new_empty((n, c), **f32), x.new_empty((n, c // 4), **f32),
-            x.new_empty((n, c), **f32))
+    return (x.new_empty((n, c)), x.new_empty((n, 6 * c), **f32), x.new_empty((n, c), **f32),
+            x.new_empty((n, c // 4), **f32), x.new_empty((n, c), **f32))
 
 
 @torch.library.custom_op("mcncl_fast::psa_bwd", mutates_args=())
-def _psa_bwd(grad: torch.Tensor, x: torch.Tensor, y: Optional[torch.Tensor], z: torch.Tensor, h: torch.Tensor,
+def _psa_bwd(grad: torch.Tensor, x: torch.Tensor, aux: torch.Tensor, z: torch.Tensor, h: torch.Tensor,
              g: torch.Tensor, w0: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor,
              fc1_weight: torch.Tensor, fc2_weight: torch.Tensor, frame_mask: Optional[torch.Tensor],
              pool: bool) -> List[torch.Tensor]:
-    """grad: d out [N, L, C] (pool=False, y given) or d pool [N, C] (pool=True, y None).
+    """grad: d out [N, L, C] with aux = y (pool=False) or d pool [N, C] with aux = S (pool=True).
     -> [dx, dw0..dw3, db0..db3, d fc1_weight, d fc1_bias, d fc2_weight, d fc2_bias]."""
-    return list(bwd_kernels.psa_backward(grad, x, y, z, h, g, (w0, w1, w2, w3), fc1_weight, fc2_weight,
-                                         frame_mask, pool))
+    backward = pool_kernels.psa_pool_backward if pool else bwd_kernels.psa_backward
+    return list(backward(grad, x, aux, z, h, g, (w0, w1, w2, w3), fc1_weight, fc2_weight, frame_mask))
 
 
 @_psa_bwd.register_fake
-def _(grad, x, y, z, h, g, w0, w1, w2, w3, fc1_weight, fc2_weight, frame_mask, pool):
+def _(grad, x, aux, z, h, g, w0, w1, w2, w3, fc1_weight, fc2_weight, frame_mask, pool):
     c = x.shape[-1]
     weights = (w0, w1, w2, w3)
     return ([torch.empty_like(x)] + [torch.empty_like(w) for w in weights]
@@ -94,32 +98,25 @@ def _params(inputs):
     return inputs[0], inputs[1:5], inputs[9], inputs[11], inputs[13]
 
 
-def _setup_psa(ctx, inputs, output):
+def _setup_context(ctx, inputs, output):
     x, weights, fc1_w, fc2_w, frame_mask = _params(inputs)
-    _, y, z, h, g = output
-    ctx.mark_non_differentiable(y, z, h, g)
-    ctx.save_for_backward(x, y, z, h, g, *weights, fc1_w, fc2_w, frame_mask)
-
-
-def _setup_pool(ctx, inputs, output):
-    x, weights, fc1_w, fc2_w, frame_mask = _params(inputs)
-    _, z, h, g = output
-    ctx.mark_non_differentiable(z, h, g)
-    ctx.save_for_backward(x, None, z, h, g, *weights, fc1_w, fc2_w, frame_mask)
+    _, aux, z, h, g = output
+    ctx.mark_non_differentiable(aux, z, h, g)
+    ctx.save_for_backward(x, aux, z, h, g, *weights, fc1_w, fc2_w, frame_mask)
 
 
 def _backward(pool: bool):
     def backward(ctx, *grads):
-        x, y, z, h, g, w0, w1, w2, w3, fc1_w, fc2_w, frame_mask = ctx.saved_tensors
+        x, aux, z, h, g, w0, w1, w2, w3, fc1_w, fc2_w, frame_mask = ctx.saved_tensors
         grad = grads[0]
         if grad is None:
             grad = torch.zeros((x.shape[0], x.shape[2]) if pool else x.shape, dtype=x.dtype, device=x.device)
-        return (*_psa_bwd(grad, x, y, z, h, g, w0, w1, w2, w3, fc1_w, fc2_w, frame_mask, pool), None)
+        return (*_psa_bwd(grad, x, aux, z, h, g, w0, w1, w2, w3, fc1_w, fc2_w, frame_mask, pool), None)
     return backward
 
 
-_psa_fwd.register_autograd(_backward(pool=False), setup_context=_setup_psa)
-_psa_pool_fwd.register_autograd(_backward(pool=True), setup_context=_setup_pool)
+_psa_fwd.register_autograd(_backward(pool=False), setup_context=_setup_context)
+_psa_pool_fwd.register_autograd(_backward(pool=True), setup_context=_setup_context)
 
 
 # ----------------------------------------------------------------------------- public ops
