@@ -13,6 +13,7 @@ import torch
 
 from mcncl_fast import ops
 from mcncl_fast.kernels import psa as psa_kernels
+from mcncl_fast.kernels import psa_pool as pool_kernels
 from mcncl_fast.reference import ops as reference_ops
 from tests.helpers import TOLERANCE, assert_close_rel, kernel_devices, rel_error
 
@@ -163,12 +164,34 @@ def test_pool_is_masked_mean_of_psa(device):
 
 
 @pytest.mark.parametrize("device", kernel_devices())
+def test_non_contiguous_inputs(device):
+    """x as a transposed view, weights as views, the output gradient as an expanded tensor."""
+    x, weights, biases, fc, mask = make_inputs(3, 4, 64, device=device, mask="random")
+    x_t = x[0].transpose(0, 1).contiguous().transpose(0, 1)
+    assert not x_t.is_contiguous()
+    weights_t = [w.transpose(0, 1).contiguous().transpose(0, 1) for w in weights]
+    for name in ("psa", "psa_pool"):
+        outs, grads = [], []
+        for fn in (getattr(ops, name), getattr(reference_ops, name)):
+            args, flat, _ = leaves(([x_t], weights_t, biases, fc, mask))
+            out = fn(*args, frame_mask=mask)
+            out.backward(torch.ones((), device=device).expand(out.shape))
+            outs.append(out)
+            grads.append([p.grad for p in flat])
+        assert_close_rel(outs[0], outs[1], torch.float32, f"{name} output")
+        for what, gf, gr in zip(GRAD_NAMES, *grads):
+            assert_close_rel(gf, gr, torch.float32, f"{name} grad {what}")
+
+
+@pytest.mark.parametrize("device", kernel_devices())
 def test_weight_gradients_deterministic(device):
     inputs = make_inputs(9, 5, 64, device=device)
-    _, first = run(ops.psa, inputs)
-    _, second = run(ops.psa, inputs)
-    for what, a, b in zip(GRAD_NAMES, first, second):
-        assert torch.equal(a, b), what
+    for name in ("psa", "psa_pool"):
+        _, first = run(getattr(ops, name), inputs)
+        _, second = run(getattr(ops, name), inputs)
+        for what, a, b in zip(GRAD_NAMES, first, second):
+            assert torch.equal(a, b), f"{name} {what}"
+
 
 
 @pytest.mark.parametrize("device", kernel_devices())
@@ -275,5 +298,6 @@ def test_bad_inputs(name, kwargs, exc, match, monkeypatch):
     def no_launch(*a, **k):
         raise AssertionError("a kernel was launched before the input check")
     monkeypatch.setattr(psa_kernels, "psa_forward", no_launch)
+    monkeypatch.setattr(pool_kernels, "psa_pool_forward", no_launch)
     with pytest.raises(exc, match=match):
         getattr(ops, name)(**kwargs)
