@@ -35,21 +35,22 @@ def _cfg(bm, bn, warps, stages):
 
 
 # First config = the one the interpreter runs (big tiles: few programs x loop iterations).
-FWD_CONFIGS = [_cfg(64, 64, 4, 2), _cfg(16, 16, 1, 2), _cfg(32, 32, 2, 2), _cfg(32, 64, 4, 2),
-               _cfg(128, 64, 8, 2), _cfg(128, 128, 8, 3)]
-BWD_CONFIGS = [_cfg(64, 64, 4, 2), _cfg(16, 16, 1, 2), _cfg(32, 32, 2, 2), _cfg(32, 64, 4, 2),
-               _cfg(64, 128, 8, 2), _cfg(128, 64, 8, 2)]
+# Short dialogues want small tiles (16, 32); long sequences the 128-wide ones.
+FWD_CONFIGS = [_cfg(64, 64, 4, 2), _cfg(16, 16, 1, 2), _cfg(32, 32, 2, 2), _cfg(128, 64, 8, 3)]
+DQ_CONFIGS = [_cfg(64, 64, 4, 2), _cfg(16, 16, 1, 2), _cfg(32, 32, 2, 2), _cfg(128, 32, 8, 2)]
+DKDV_CONFIGS = [_cfg(64, 64, 4, 2), _cfg(16, 16, 1, 2), _cfg(32, 32, 2, 2), _cfg(32, 128, 8, 2)]
 # Bytes of shared memory allowed to a config (A100's opt-in maximum, the smaller of the targets).
 SMEM_LIMIT = 166912
 
 
 def _smem_estimate(config, head_dim, elt, kernel):
-    """Upper estimate of the shared memory a config needs (checked against AOT compiles)."""
+    """Upper bound of the shared memory a config takes (fitted to, and checked against, the AOT
+    compiles in tests/test_attention_aot.py): staged operand tiles + fp32 layout-conversion scratch."""
     bm, bn, st = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_stages
-    if kernel == "fwd":   # q tile + pipelined k, v tiles + p for the second dot
-        return elt * head_dim * (bm + 2 * bn * st) + 4 * bm * bn
-    # backward: two staged operand tiles + two resident tiles + two [BM, BN] tiles
-    return elt * head_dim * (2 * (bm if kernel == "dkdv" else bn) * st + 2 * max(bm, bn)) + 8 * bm * bn
+    if kernel == "dkdv":                 # resident k, v tile [BN, D]; staged q, do tiles [BM, D]
+        bm, bn = bn, bm
+    resident = (1 if kernel == "fwd" else 2) * elt * bm * head_dim
+    return 2 * elt * head_dim * bn * max(st - 1, 1) + 4 * bm * max(bn, head_dim) + resident + 1024
 
 
 def prune_configs(configs, named_args, kernel, **kwargs):
@@ -82,6 +83,21 @@ def _program_coords(H, B, L, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _keys_end(MASK, mask_off, LK, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr):
+    """1 + the index of the last valid key (0 if none): the key loops stop there, so padded tiles
+    at the end (dialogue padding) are skipped without a branch in the pipelined loop."""
+    if HAS_MASK:
+        end = tl.zeros([], tl.int32)
+        for start in range(0, LK, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            keep = tl.load(MASK + mask_off + cols, mask=cols < LK, other=0)
+            end = tl.maximum(end, tl.max(tl.where(keep != 0, cols + 1, 0), axis=0))
+        return end
+    else:
+        return LK
+
+
+@triton.jit
 def _key_valid(MASK, mask_off, cols, LK, HAS_MASK: tl.constexpr):
     valid = cols < LK
     if HAS_MASK:
@@ -111,21 +127,22 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, MASK,
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    for start_n in range(0, LK, BLOCK_N):
+    for start_n in range(0, _keys_end(MASK, mask_off, LK, HAS_MASK, BLOCK_N), BLOCK_N):
         cols = start_n + offs_n
+        in_range = cols < LK
         valid = _key_valid(MASK, mask_off, cols, LK, HAS_MASK)
-        if tl.max(valid.to(tl.int32), axis=0) > 0:          # skip key tiles with no valid key
-            in_range = cols < LK
-            k_t = tl.load(k_base + cols[None, :] * sk_l + offs_d[:, None], mask=in_range[None, :], other=0.0)
-            s = tl.dot(q, k_t, input_precision=PRECISION) * qk_scale
-            s = tl.where(valid[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            v = tl.load(v_base + cols[:, None] * sv_l + offs_d[None, :], mask=in_range[:, None], other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            m_i = m_new
+        k_t = tl.load(k_base + cols[None, :] * sk_l + offs_d[:, None], mask=in_range[None, :], other=0.0)
+        s = tl.dot(q, k_t, input_precision=PRECISION) * qk_scale
+        s = tl.where(valid[None, :], s, float("-inf"))
+        # a tile whose keys are all masked leaves m, l, acc unchanged (max with -inf, p = 0)
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_base + cols[:, None] * sv_l + offs_d[None, :], mask=in_range[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
 
     has_key = l_i > 0.0                                       # False only when every key is masked
     out = acc / tl.where(has_key, l_i, 1.0)[:, None]
@@ -161,18 +178,17 @@ def _attn_bwd_dq_kernel(Q, K, V, O, DO, DQ, LSE, DELTA, MASK,
     lse = tl.load(LSE + z * LQ + rows, mask=row_ok, other=float("inf"))
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    for start_n in range(0, LK, BLOCK_N):
+    for start_n in range(0, _keys_end(MASK, mask_off, LK, HAS_MASK, BLOCK_N), BLOCK_N):
         cols = start_n + offs_n
+        in_range = cols < LK
         valid = _key_valid(MASK, mask_off, cols, LK, HAS_MASK)
-        if tl.max(valid.to(tl.int32), axis=0) > 0:
-            in_range = cols < LK
-            k_t = tl.load(k_base + cols[None, :] * sk_l + offs_d[:, None], mask=in_range[None, :], other=0.0)
-            v_t = tl.load(v_base + cols[None, :] * sv_l + offs_d[:, None], mask=in_range[None, :], other=0.0)
-            s = tl.dot(q, k_t, input_precision=PRECISION) * qk_scale
-            p = tl.where(valid[None, :], tl.exp2(s - lse[:, None]), 0.0)
-            dp = tl.dot(do, v_t, input_precision=PRECISION)
-            ds = p * (dp - delta[:, None])
-            dq += tl.dot(ds.to(k_t.dtype), tl.trans(k_t), input_precision=PRECISION)
+        k_t = tl.load(k_base + cols[None, :] * sk_l + offs_d[:, None], mask=in_range[None, :], other=0.0)
+        v_t = tl.load(v_base + cols[None, :] * sv_l + offs_d[:, None], mask=in_range[None, :], other=0.0)
+        s = tl.dot(q, k_t, input_precision=PRECISION) * qk_scale
+        p = tl.where(valid[None, :], tl.exp2(s - lse[:, None]), 0.0)
+        dp = tl.dot(do, v_t, input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k_t.dtype), tl.trans(k_t), input_precision=PRECISION)
     dq = dq * sm_scale
     tl.store(DQ + g * sdq_g + b * sdq_b + h * sdq_h + rd * sdq_l + offs_d[None, :], dq.to(DQ.dtype.element_ty),
              mask=row_ok[:, None])
@@ -221,8 +237,8 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, MASK,
 
 
 attn_fwd = triton.autotune(FWD_CONFIGS, key=_KEY, prune_configs_by=_pruner("fwd"))(_attn_fwd_kernel)
-attn_bwd_dq = triton.autotune(BWD_CONFIGS, key=_KEY, prune_configs_by=_pruner("dq"))(_attn_bwd_dq_kernel)
-attn_bwd_dkdv = triton.autotune(BWD_CONFIGS, key=_KEY, prune_configs_by=_pruner("dkdv"))(_attn_bwd_dkdv_kernel)
+attn_bwd_dq = triton.autotune(DQ_CONFIGS, key=_KEY, prune_configs_by=_pruner("dq"))(_attn_bwd_dq_kernel)
+attn_bwd_dkdv = triton.autotune(DKDV_CONFIGS, key=_KEY, prune_configs_by=_pruner("dkdv"))(_attn_bwd_dkdv_kernel)
 
 
 # ------------------------------------------------------------------------------ launchers
