@@ -301,3 +301,14 @@ def test_bad_inputs(name, kwargs, exc, match, monkeypatch):
     monkeypatch.setattr(pool_kernels, "psa_pool_forward", no_launch)
     with pytest.raises(exc, match=match):
         getattr(ops, name)(**kwargs)
+
+
+@pytest.mark.parametrize("device", kernel_devices())
+@pytest.mark.parametrize("op", ["psa_fwd", "psa_pool_fwd"])
+def test_opcheck(op, device):
+    """Schema, autograd registration and fake-tensor checks of the custom ops (torch.compile tracing is
+    covered by test_torch_compile_fullgraph)."""
+    x, weights, biases, fc, mask = make_inputs(3, 4, 64, device=device, mask="random")
+    args = tuple(t.requires_grad_() for t in x + weights + biases + fc) + (mask,)
+    torch.library.opcheck(getattr(torch.ops.mcncl_fast, op), args,
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
