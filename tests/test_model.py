@@ -131,3 +131,20 @@ def test_bad_model_inputs():
         mcncl_fast.ModelConfig(kv_source="both")
     with pytest.raises(ValueError, match="num_heads"):
         mcncl_fast.ModelConfig(d_model=36, num_heads=8)
+
+
+def test_fast_modules_match_reference_modules():
+    from mcncl_fast import modules
+    from mcncl_fast.reference import model as ref_model
+    torch.manual_seed(2)
+    psa_ref, psa_fast = ref_model.PSA(16), modules.PSA(16)
+    psa_fast.load_state_dict(psa_ref.state_dict())
+    x = torch.randn(3, 5, 16)
+    mask = torch.rand(3, 5) > 0.3
+    torch.testing.assert_close(psa_fast(x, mask), psa_ref(x, mask), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(psa_fast.pool(x, mask), psa_ref.pool(x, mask), rtol=1e-5, atol=1e-5)
+    mha_ref, mha_fast = ref_model.MultiHeadAttention(16, 2), modules.MultiHeadAttention(16, 2)
+    mha_fast.load_state_dict(mha_ref.state_dict())
+    query, kv = torch.randn(2, 4, 16), torch.randn(2, 6, 16)
+    kpm = torch.tensor([[True] * 6, [True, True, False, False, False, False]])
+    torch.testing.assert_close(mha_fast(query, kv, kpm), mha_ref(query, kv, kpm), rtol=1e-5, atol=1e-5)

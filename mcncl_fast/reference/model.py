@@ -104,8 +104,13 @@ class PSA(nn.Module):
         return ([b.weight for b in self.branches], [b.bias for b in self.branches],
                 self.se.fc1.weight, self.se.fc1.bias, self.se.fc2.weight, self.se.fc2.bias)
 
-    def forward(self, x, frame_mask=None, ops=reference_ops):
-        return ops.psa(x, *self.op_args(), frame_mask=frame_mask)
+    def forward(self, x, frame_mask=None):
+        """[N, L, C] -> [N, L, C]"""
+        return reference_ops.psa(x, *self.op_args(), frame_mask=frame_mask)
+
+    def pool(self, x, frame_mask=None):
+        """[N, L, C] -> [N, C]: masked mean over valid frames of forward(x)."""
+        return reference_ops.psa_pool(x, *self.op_args(), frame_mask=frame_mask)
 
 
 class MultiHeadAttention(nn.Module):
@@ -128,6 +133,9 @@ class MultiHeadAttention(nn.Module):
     def merge(self, heads):     # [B, H, S, d/H] -> [B, S, d] -> out_proj
         b, h, s, dh = heads.shape
         return self.out_proj(heads.transpose(1, 2).reshape(b, s, h * dh))
+
+    def forward(self, query, key_value, key_padding_mask=None):
+        return self.merge(reference_ops.attention(*self.project(query, key_value), key_padding_mask))
 
 
 class CrossModalLayer(nn.Module):
@@ -172,7 +180,7 @@ class Model(nn.Module):
     # -- hooks the fast model overrides ------------------------------------------------
     def _pool_visual(self, frames, frame_mask):
         """frames [N, L, d] -> C_v [N, d]: masked mean over valid frames of PSA(frames)."""
-        return reference_ops.psa_pool(frames, *self.psa.op_args(), frame_mask=frame_mask)
+        return self.psa.pool(frames, frame_mask)
 
     def _cross_attend(self, attns: List[MultiHeadAttention], queries, keys, key_padding_mask):
         """One cross-attention per stream (same shapes): returns the out-projected outputs."""
