@@ -16,7 +16,7 @@ Kernels:
                          dpre2^T h, dpre1^T z and column sums: plain GEMMs / sums over [N, .] in the
                          launcher (deterministic; no atomics).
   _psa_conv_dx_kernel    transposed conv as K_s matmuls over shifted windows of dy.
-  _psa_conv_dw_kernel    grid (P row chunks, 24 taps x channel blocks): per-chunk partial dW (and db)
+  _psa_conv_dw_kernel    grid (24 taps x channel blocks, P row chunks): per-chunk partial dW (and db)
                          written to [P, ...] fp32 buffers, summed over P afterwards: a deterministic
                          two-stage reduction (P depends only on N).
 """
@@ -168,8 +168,8 @@ def _psa_conv_dw_kernel(dout_ptr, g_ptr, a_ptr, mask_ptr, x_ptr, dw_ptr, db_ptr,
                         TOTAL_W, HAS_MASK: tl.constexpr, DOT_DTYPE: tl.constexpr,
                         BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr):
     BLOCK_N: tl.constexpr = BLOCK_M // BLOCK_L
-    pid_p = tl.program_id(0)
-    pid_t = tl.program_id(1)
+    pid_t = tl.program_id(0)     # taps vary fastest: programs running together read the same rows (L2)
+    pid_p = tl.program_id(1)
     num_qb = tl.cdiv(Q, BLOCK_Q)
     tap = pid_t // (num_qb * num_qb)
     ob = (pid_t // num_qb) % num_qb
@@ -260,7 +260,7 @@ def psa_backward(grad, x, y, z, h, g, weights, fc1_w, fc2_w, frame_mask):
     total_w = w_packed.numel()
     dw_part = empty((parts, total_w), x, f32)
     db_part = empty((parts, c), x, f32)
-    _psa_conv_dw_kernel[(parts, TAPS * nqb * nqb)](
+    _psa_conv_dw_kernel[(TAPS * nqb * nqb, parts)](
         grad, g, a, mask, x, dw_part, db_part, n, length, c, q, rows_per_prog, total_w,
         HAS_MASK=has_mask, DOT_DTYPE=dot_dtype(x.dtype), BLOCK_Q=bq)
     dw_flat = dw_part.sum(dim=0)
