@@ -11,7 +11,9 @@ work on the order-preserving uint32 key of the float32 similarity (-0.0 mapped t
 bracket [lo, hi] of keys with count(key >= lo) >= k > count(key > hi), and narrow it with a
 16-bin histogram of the keys inside the bracket (bins of width 2^shift, the counts of the 16
 bins packed as 8-bit fields into two uint64 per row and tile, unpacked per tile):
-  pass 1 (stats):  min / max negative key (initial bracket), sum of positives, row max
+  pass 1 (stats):  initial bracket = the keys of the side of 0 that holds t_i (from the count of
+                   negatives >= 0): [min key >= +0, max key] or [0, max key < 0]; sum of
+                   positives, row max
   passes 2..:      one histogram pass per 4 bits: lo moves to the highest bin whose suffix count
                    is still >= k; stops when lo == hi (lo is then t_i's key) or when
                    count(key >= lo) == k (then {key >= lo} is exactly the hard set)
@@ -112,7 +114,7 @@ def _masks(rows, cols, lab_i, lab_j, N):
 
 @triton.autotune(configs=CONFIGS, key=["D"], prune_configs_by={"early_config_prune": _prune})
 @triton.jit
-def supcon_forward_kernel(z_ptr, labels_ptr, k_ptr, theta_ptr, logd_ptr, possum_ptr, passes_ptr,
+def supcon_forward_kernel(z_ptr, labels_ptr, k_ptr, nneg_ptr, theta_ptr, logd_ptr, possum_ptr, passes_ptr,
                           N, D, stride_m, stride_n, stride_d, inv_tau, passes_stride,
                           BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     pid = tl.program_id(0)
@@ -122,11 +124,16 @@ def supcon_forward_kernel(z_ptr, labels_ptr, k_ptr, theta_ptr, logd_ptr, possum_
     rmask = rows < N
     lab_i = tl.load(labels_ptr + rows, mask=rmask, other=0)
     k_i = tl.load(k_ptr + rows, mask=rmask, other=0)
+    nneg = tl.load(nneg_ptr + rows, mask=rmask, other=0)   # number of negatives of each anchor
 
     # ---- pass 1: initial bracket (min / max negative key), positives, row max
-    minkey = tl.full((BM,), 0xFFFFFFFF, tl.uint32)
-    maxkey = tl.zeros((BM,), tl.uint32)
-    nneg = tl.zeros((BM,), tl.int32)
+    # keys below 2^31 are negative values, keys >= 2^31 are >= +0.0: the bracket starts on the
+    # side of zero that holds t_i (one pass of bits saved: floats near 0 fill half the key space)
+    # (few per-row accumulators: each costs registers in every thread holding the row)
+    maxkey = tl.zeros((BM,), tl.uint32)                   # all negatives
+    max_below0 = tl.zeros((BM,), tl.uint32)               # negatives with value < 0
+    min_above0 = tl.full((BM,), 0xFFFFFFFF, tl.uint32)    # negatives with value >= 0
+    n_above0 = tl.zeros((BM,), tl.int32)
     possum = tl.zeros((BM,), tl.float32)
     rowmax = tl.full((BM,), float("-inf"), tl.float32)
     for j0 in range(0, N, BN):
@@ -135,16 +142,21 @@ def supcon_forward_kernel(z_ptr, labels_ptr, k_ptr, theta_ptr, logd_ptr, possum_
         s = _sim_tile(z_m, pid * BM, j0, N, D, stride_n, stride_d, BM, BN, BK)
         neg, pos = _masks(rows, cols, lab_i, lab_j, N)
         key = _key(s)
-        minkey = tl.minimum(minkey, tl.min(tl.where(neg, key, tl.full((BM, BN), 0xFFFFFFFF, tl.uint32)), axis=1))
         maxkey = tl.maximum(maxkey, tl.max(tl.where(neg, key, tl.zeros((BM, BN), tl.uint32)), axis=1))
-        nneg += tl.sum(neg.to(tl.int32), axis=1)
+        above0 = neg & ((key >> 31) != 0)
+        below0 = neg & ((key >> 31) == 0)
+        n_above0 += tl.sum(above0.to(tl.int32), axis=1)
+        max_below0 = tl.maximum(max_below0, tl.max(tl.where(below0, key, tl.zeros((BM, BN), tl.uint32)), axis=1))
+        min_above0 = tl.minimum(min_above0, tl.min(tl.where(above0, key, tl.full((BM, BN), 0xFFFFFFFF, tl.uint32)),
+                                                   axis=1))
         possum += tl.sum(tl.where(pos, s, 0.0), axis=1)
         rowmax = tl.maximum(rowmax, tl.max(tl.where(neg | pos, s, float("-inf")), axis=1))
 
     # ---- passes 2..: 16-bin histogram narrowing of [lo, hi] in key space
-    lo = minkey
-    hi = maxkey
-    c_lo = nneg                      # count(key >= lo)
+    t_above0 = n_above0 >= k_i       # t_i >= 0: bracket [min key >= +0, max key], else [0, max key < 0]
+    lo = tl.where(t_above0, min_above0, tl.zeros((BM,), tl.uint32))
+    hi = tl.where(t_above0, maxkey, max_below0)
+    c_lo = tl.where(t_above0, n_above0, nneg)      # count(key >= lo); invariant: count(key > hi) < k
     done = (k_i <= 0) | (c_lo == k_i) | (lo == hi)
     bins = tl.arange(0, 16)
     field = (tl.where(bins < 8, bins, bins - 8) * 8).to(tl.uint64)
@@ -216,8 +228,10 @@ def supcon_forward_kernel(z_ptr, labels_ptr, k_ptr, theta_ptr, logd_ptr, possum_
     tl.store(passes_ptr + m * passes_stride + pid, npass)
 
 
-def supcon_forward(z: torch.Tensor, labels: torch.Tensor, k: torch.Tensor, temperature: float, out=None):
-    """z [M, N, D] (float32/float16/bfloat16, any strides), labels/k int32 [N].
+def supcon_forward(z: torch.Tensor, labels: torch.Tensor, k: torch.Tensor, temperature: float, nneg=None,
+                   out=None):
+    """z [M, N, D] (float32/float16/bfloat16, any strides), labels/k/nneg int32 [N] (nneg: number of
+    negatives of each anchor, computed from labels when None).
 
     Returns (theta, logd, possum, passes): float32 [M, N] x 3 and int32 [M, cdiv(N, 16)] (histogram
     passes per program; unused slots stay 0). `out` = preallocated (theta, logd, possum) buffers.
@@ -233,6 +247,9 @@ def supcon_forward(z: torch.Tensor, labels: torch.Tensor, k: torch.Tensor, tempe
     def grid(meta):
         return (triton.cdiv(n, meta["BM"]), m)
 
-    supcon_forward_kernel[grid](z, labels, k, theta, logd, possum, passes, n, d, z.stride(0), z.stride(1),
+    if nneg is None:
+        _, inverse, counts = torch.unique(labels, return_inverse=True, return_counts=True)
+        nneg = (n - counts[inverse]).to(torch.int32)
+    supcon_forward_kernel[grid](z, labels, k, nneg.contiguous(), theta, logd, possum, passes, n, d, z.stride(0), z.stride(1),
                                 z.stride(2), 1.0 / temperature, passes.stride(0), BK=block_k(d, z.dtype))
     return theta, logd, possum, passes

@@ -14,7 +14,7 @@ from mcncl_fast.kernels import supcon as kernel
 from tests.aot import POINTER, TARGETS, compile_for_targets, config_options
 from tests.test_attention_aot import real_jit   # swaps InterpretedFunctions for JITFunctions
 
-SIGNATURE = {"z_ptr": None, "labels_ptr": "*i32", "k_ptr": "*i32", "theta_ptr": "*fp32", "logd_ptr": "*fp32",
+SIGNATURE = {"z_ptr": None, "labels_ptr": "*i32", "k_ptr": "*i32", "nneg_ptr": "*i32", "theta_ptr": "*fp32", "logd_ptr": "*fp32",
              "possum_ptr": "*fp32", "passes_ptr": "*i32", "N": "i32", "D": "i32", "stride_m": "i32",
              "stride_n": "i32", "stride_d": "i32", "inv_tau": "fp32", "passes_stride": "i32"}
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

@@ -139,7 +139,8 @@ def supcon_forward(z: torch.Tensor, labels: torch.Tensor, temperature: float, ha
     if use_triton(z):
         from mcncl_fast.kernels.supcon import supcon_forward as triton_forward
         theta, logd, possum, _ = triton_forward(z, labels.to(torch.int32).contiguous(),
-                                                k.to(torch.int32).contiguous(), temperature)
+                                                k.to(torch.int32).contiguous(), temperature,
+                                                nneg=(n - 1 - npos).to(torch.int32).contiguous())
     else:
         theta, logd, possum = chunked_forward(z.float(), labels, k, temperature)
     npos = npos.float()
