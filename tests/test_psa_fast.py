@@ -26,6 +26,15 @@ def _poison(monkeypatch):
     monkeypatch.setattr(psa_kernels, "POISON", True)
 
 
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    """On CUDA the reference's conv1d would use TF32 (cuDNN's default): compare against IEEE fp32."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def make_mask(n, length, device, kind, generator=None):
     """kind: None, "random" (random frame counts, first row fully padded), "scattered" (non-prefix)."""
     if kind is None:
