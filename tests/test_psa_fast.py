@@ -263,9 +263,12 @@ def test_fast_model_matches_reference_model(device):
 
 def test_float64_takes_the_reference():
     inputs = make_inputs(2, 3, 64, dtype=torch.float64)
-    out, grads = run(ops.psa, inputs)
-    ref_out, ref_grads = run(reference_ops.psa, inputs)
-    assert torch.equal(out, ref_out)
+    for name in ("psa", "psa_pool"):
+        out, grads = run(getattr(ops, name), inputs)
+        ref_out, ref_grads = run(getattr(reference_ops, name), inputs)
+        assert out.dtype == torch.float64 and torch.equal(out, ref_out)
+        for what, gf, gr in zip(GRAD_NAMES, grads, ref_grads):
+            assert torch.equal(gf, gr), what
 
 
 def _args(n=2, length=3, channels=64, mask="random"):
