@@ -56,7 +56,8 @@ def block_k(d: int, dtype: torch.dtype) -> int:
     bk = max(16, triton.next_power_of_2(d))
     if INTERPRET:
         return bk
-    return 16 if dtype == torch.float32 else min(bk, 64)
+    # float32: FMA dot, small K tile; 16-bit: 32..64 (BK = 16 spills at 64x64 on sm_80)
+    return 16 if dtype == torch.float32 else min(max(bk, 32), 64)
 
 
 def configs_for(dtype: torch.dtype, configs=None):

@@ -28,7 +28,7 @@ def _gpu_configs(dtype):
 def _cases():
     for dtype in DTYPES:
         for config in _gpu_configs(dtype):
-            bks = sorted({16 if dtype == torch.float32 else min(64, max(16, 1 << (d - 1).bit_length()))
+            bks = sorted({16 if dtype == torch.float32 else min(64, max(32, 1 << (d - 1).bit_length()))
                           for d in (16, 32, 128)})
             for bk in bks:
                 name = f"{str(dtype).replace('torch.', '')}-BM{config.kwargs['BM']}-BN{config.kwargs['BN']}-BK{bk}"
@@ -47,7 +47,7 @@ def test_block_k_rule():
     if not kernel.INTERPRET:
         assert kernel.block_k(128, torch.float32) == 16
         assert kernel.block_k(200, torch.bfloat16) == 64
-        assert kernel.block_k(16, torch.float16) == 16
+        assert kernel.block_k(16, torch.float16) == 32
 
 
 def _ptxas_spills(compiled, capability):
