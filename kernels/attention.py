@@ -6,10 +6,14 @@ head dim is contiguous, so head split/merge views ([B, S, H, Dh] memory seen as
 [B, H, S, Dh]) are read and written in place.
 
 * `_attn_fwd_kernel`: online softmax in base 2 (scale·log2(e) folded into one multiply),
-  saves the log2-sum-exp per query row. Key tiles without a valid key are skipped.
+  saves the log2-sum-exp per query row.
 * `_attn_bwd_dq_kernel`: delta = rowsum(dO·O) (stored for the next kernel) and dq,
   recomputing the probabilities.
 * `_attn_bwd_dkdv_kernel`: dk and dv for one key tile, looping over the query tiles.
+
+Masked keys are skipped by tiles: the key loops (forward, dq) stop after the last valid key
+of the batch entry, so padding at the end costs nothing and the loop body has no branch
+(software pipelining stays on); a dk/dv program whose key tile holds no valid key writes zeros.
 
 Key padding: mask [B, Lk] (or [G, B, Lk]) bool, True = attend. A batch entry with
 no valid key gives a zero output and zero gradients: its LSE is stored as +inf so
@@ -72,7 +76,7 @@ _KEY = ["LQ_KEY", "LK_KEY", "HEAD_DIM", "HAS_MASK"]
 
 @triton.jit
 def _program_coords(H, B, L, BLOCK: tl.constexpr):
-    """1-D grid -> (g, b, h) as int64, tile start, tile count over L."""
+    """1-D grid (tiles of L fastest) -> g, b, h, flat (g, b, h) index z, all int64; tile start."""
     pid = tl.program_id(0)
     n_tiles = tl.cdiv(L, BLOCK)
     z = pid // n_tiles
