@@ -40,7 +40,7 @@ def _poison_kernel_outputs(monkeypatch):
     monkeypatch.setattr(kernels, "_empty", lambda *a, **kw: poison_(torch.empty(*a, **kw)))
 
 
-def _inputs(shape_q, lk, dtype, device, mask_kind="random", group=None):
+def _inputs(shape_q, lk, dtype, device, mask_kind="random"):
     *lead, lq, dh = shape_q
     b = lead[-2]
     make = lambda length: torch.randn(*lead, length, dh, device=device).to(dtype).requires_grad_()  # noqa: E731
