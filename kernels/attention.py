@@ -296,8 +296,8 @@ def attention_forward(q, k, v, mask, scale, config=None):
     z = g * b * h
     out = _empty_like(q)
     lse = _empty((z, lq), device=q.device, dtype=torch.float32)
-    if q.numel() == 0:
-        return out, lse
+    if q.numel() == 0 or k.shape[3] == 0:          # no query, or no key at all: zero output
+        return out.zero_(), lse.fill_(float("inf"))
     common = _common(q, k, mask)
     args = (q, k, v, out, lse, q if mask is None else mask, *_strides(q), *_strides(k), *_strides(v),
             *_strides(out), *_mask_strides(mask))

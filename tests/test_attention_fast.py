@@ -97,6 +97,15 @@ def test_matches_reference(device, b, h, lq, lk, dh, dtype, mask_kind):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("lq,lk", [(3, 0), (0, 4)])
+def test_empty_sequences(device, lq, lk):
+    q, k, v, mask = _inputs((2, 1, lq, 16), lk, torch.float32, device, mask_kind=None)
+    for m in (None, torch.ones(2, lk, dtype=torch.bool, device=device)):
+        out, (dq, dk, dv) = _check_against_reference(q, k, v, m)
+        assert out.shape == (2, 1, lq, 16) and (out == 0).all() and (dq == 0).all() and (dk == 0).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_custom_scale(device):
     q, k, v, mask = _inputs((2, 1, 17, 32), 17, torch.float32, device)
     _check_against_reference(q, k, v, mask, scale=0.37)
