@@ -19,9 +19,14 @@ bins packed as 8-bit fields into two uint64 per row and tile, unpacked per tile)
                    count(key >= lo) == k (then {key >= lo} is exactly the hard set)
   last pass:       D_i = sum over positives and negatives with key >= lo of exp(s/tau)
                    (shifted by the row max), plus t_i and the largest negative below it.
-Bounded cost: a 32-bit key range needs at most 8 histogram passes, so at most 10 passes over the
-similarity tiles in all (typically fewer: a row stops as soon as lo separates the k-th from the
-(k+1)-th largest). The number of histogram passes each program ran is written to `passes`.
+Bounded cost: every histogram pass removes 4 bits of the bracket width (the bins cover it, the
+chosen bin is 1/16 of it) and a width of at most 2^32 - 1 keys is a single key after 8, so at
+most 8 histogram passes: at most 10 passes over the similarity tiles in all, each recomputing
+S = Z_I Z_J^T. A block stops as soon as all its rows are done, i.e. once lo separates the k-th
+from the (k+1)-th largest; measured on random data (normalised, D = 128, 7 classes, r = 0.3),
+histogram passes per program: mean 4.1 / max 5 at N = 300, mean 5.25 / max 6 at N = 1000, so
+6-8 passes over the tiles. Exact duplicates at the threshold end with lo == hi. The number of
+histogram passes each program ran is written to `passes`. (The backward is 1 pass: 2 GEMMs/tile.)
 
 Saved threshold theta_i: a value in (t_i^-, t_i] (midpoint of t_i and the largest negative
 below it; -inf if every negative is hard, +inf if there is none), so that a backward that
