@@ -103,6 +103,8 @@ def _half_cases():
     for path, device in [(p.values[0], p.values[1]) for p in PATH_DEVICES if p.values[0] == "triton"]:
         if device == "cpu":
             cases.append(pytest.param("triton", "cpu", torch.float16, id="triton-cpu-fp16"))
+            # bfloat16 CPU tensors run the interpreter in float32 (no bfloat16 arithmetic there)
+            cases.append(pytest.param("triton", "cpu", torch.bfloat16, id="triton-cpu-bf16"))
         else:
             for dt in (torch.bfloat16, torch.float16):
                 cases.append(pytest.param("triton", "cuda", dt, id=f"triton-cuda-{dt}", marks=pytest.mark.gpu))

@@ -201,7 +201,9 @@ def supcon_hard_negative_loss(z, labels, temperature=0.07, hard_ratio=0.3, norma
     zn = z3.float()
     if normalize:
         zn = F.normalize(zn, dim=-1, eps=1e-12)
-    if use_triton(z) and z.dtype in (torch.float16, torch.bfloat16):
-        zn = zn.to(z.dtype)          # 16-bit tiles for the tensor cores, float32 accumulation
+    if use_triton(z) and (z.dtype == torch.float16 or (z.dtype == torch.bfloat16 and z.is_cuda)):
+        # 16-bit tiles for the tensor cores, float32 accumulation (the interpreter has no bfloat16
+        # arithmetic: bfloat16 CPU tensors stay float32 there)
+        zn = zn.to(z.dtype)
     loss = supcon_forward(zn, labels.long(), float(temperature), float(hard_ratio))[0]
     return loss[0] if single else loss
