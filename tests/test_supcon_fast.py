@@ -198,6 +198,31 @@ def test_temperature_and_int32_labels(use_path, path, device):
 
 
 @pytest.mark.parametrize("path,device", PATH_DEVICES)
+def test_labels_beyond_int32_and_negative(use_path, path, device):
+    use_path(path, device)
+    z, labels = random_case(2, 50, 16, 3, device, seed=9)
+    # 2**32 + c would collide with c under an int32 cast
+    labels = torch.tensor([-7, 2**32, 0], device=device)[labels]
+    compare(z, labels, torch.float32)
+    compare(z, labels.remainder(2**32), torch.float32)     # 2**32 -> 0 merges two classes: still parity
+
+
+@pytest.mark.parametrize("path,device", PATH_DEVICES)
+def test_large_logits_without_normalisation(use_path, path, device):
+    use_path(path, device)
+    """Logits ~ 1e5: no overflow (row-max shift). The problem is ill-conditioned in float32 (one ulp
+    of s ~ 1e4 moves exp(s / tau) by ~1%, in the reference too), so the gradient gets a loose bound."""
+    z, labels = random_case(1, 40, 16, 3, device, seed=4)
+    z = z * 30.0
+    fast_loss, fast_grad = loss_and_grad(ops.supcon_hard_negative_loss, z, labels, normalize=False, temperature=0.05)
+    ref_loss, ref_grad = loss_and_grad(reference_ops.supcon_hard_negative_loss, z, labels, normalize=False,
+                                       temperature=0.05)
+    assert torch.isfinite(fast_loss).all() and torch.isfinite(fast_grad).all()
+    assert_close_rel(fast_loss, ref_loss, torch.float32, "loss")
+    assert rel_error(fast_grad, ref_grad) < 5e-2
+
+
+@pytest.mark.parametrize("path,device", PATH_DEVICES)
 def test_non_contiguous_input(use_path, path, device):
     use_path(path, device)
     z = torch.randn(40, 2, 3, 16, device=device)[:, 1].transpose(0, 1)      # [3, 40, 16] strided

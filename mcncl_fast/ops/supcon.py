@@ -30,6 +30,11 @@ DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float
 CPU_BLOCK_ELEMENTS = 1 << 20
 
 
+def class_ids(labels: torch.Tensor) -> torch.Tensor:
+    """Dense int32 class ids (labels are any int64 values; a plain int32 cast could merge classes)."""
+    return torch.unique(labels, return_inverse=True)[1].reshape(-1).to(torch.int32).contiguous()
+
+
 def _label_stats(labels: torch.Tensor, hard_ratio: float):
     """k_i (int64 [N]) and |P_i| (int64 [N]) on labels' device."""
     k = hard_negative_counts(labels, hard_ratio)
@@ -92,7 +97,7 @@ def host_backward(grad_loss, z, labels, theta, logd, npos, temperature, num_thre
     m_count, n, d = z.shape
     w, inv_npos, w_scale = _row_weights(grad_loss, npos)
     grad = torch.empty(m_count, n, d, dtype=z.dtype)
-    labels32 = labels.to(torch.int32).contiguous()
+    labels32 = class_ids(labels)
     theta = theta.float().contiguous()
     logd = logd.float().contiguous()
     _C.supcon_backward_host(z.data_ptr(), DTYPE_CODE[z.dtype], m_count, n, d, *z.stride(), labels32.data_ptr(),
@@ -116,7 +121,7 @@ def _cuda_backward(grad_loss, z, labels, theta, logd, npos, temperature):
     m_count, n, d = z.shape
     w, inv_npos, w_scale = _row_weights(grad_loss, npos)
     grad = torch.empty(m_count, n, d, device=z.device, dtype=torch.float32)
-    labels32 = labels.to(torch.int32).contiguous()
+    labels32 = class_ids(labels)
     theta = theta.contiguous()
     logd = logd.contiguous()
     stream = torch.cuda.current_stream(z.device).cuda_stream
@@ -138,7 +143,7 @@ def supcon_forward(z: torch.Tensor, labels: torch.Tensor, temperature: float, ha
         return z.new_zeros(m_count, dtype=torch.float32), empty, empty.clone(), npos.float()
     if use_triton(z):
         from mcncl_fast.kernels.supcon import supcon_forward as triton_forward
-        theta, logd, possum, _ = triton_forward(z, labels.to(torch.int32).contiguous(),
+        theta, logd, possum, _ = triton_forward(z, class_ids(labels),
                                                 k.to(torch.int32).contiguous(), temperature,
                                                 nneg=(n - 1 - npos).to(torch.int32).contiguous())
     else:
