@@ -223,6 +223,18 @@ def test_large_logits_without_normalisation(use_path, path, device):
 
 
 @pytest.mark.parametrize("path,device", PATH_DEVICES)
+def test_under_autocast(use_path, path, device):
+    """Inside an autocast region the op keeps its own precision (same result as outside)."""
+    use_path(path, device)
+    z, labels = random_case(3, 50, 16, 3, device, seed=6)
+    outside = loss_and_grad(ops.supcon_hard_negative_loss, z, labels)
+    dtype = torch.bfloat16 if torch.device(device).type == "cpu" else torch.float16
+    with torch.autocast(torch.device(device).type, dtype=dtype):
+        inside = loss_and_grad(ops.supcon_hard_negative_loss, z, labels)
+    assert torch.equal(inside[0], outside[0]) and torch.equal(inside[1], outside[1])
+
+
+@pytest.mark.parametrize("path,device", PATH_DEVICES)
 def test_non_contiguous_input(use_path, path, device):
     use_path(path, device)
     z = torch.randn(40, 2, 3, 16, device=device)[:, 1].transpose(0, 1)      # [3, 40, 16] strided

@@ -136,6 +136,11 @@ def _cuda_backward(grad_loss, z, labels, theta, logd, npos, temperature):
 def supcon_forward(z: torch.Tensor, labels: torch.Tensor, temperature: float, hard_ratio: float
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """z' [M, N, D] -> (loss [M], theta [M, N], logd [M, N], npos [N]); float32 outputs."""
+    with torch.autocast(z.device.type, enabled=False):    # the math is fixed-precision by design
+        return _supcon_forward_impl(z, labels, temperature, hard_ratio)
+
+
+def _supcon_forward_impl(z, labels, temperature, hard_ratio):
     m_count, n, _ = z.shape
     k, npos = _label_stats(labels, hard_ratio)
     if n == 0:
@@ -164,6 +169,11 @@ def _(z, labels, temperature, hard_ratio):
 def supcon_backward(grad_loss: torch.Tensor, z: torch.Tensor, labels: torch.Tensor, theta: torch.Tensor,
                     logd: torch.Tensor, npos: torch.Tensor, temperature: float) -> torch.Tensor:
     """dL/dz' [M, N, D] in z's dtype."""
+    with torch.autocast(z.device.type, enabled=False):
+        return _supcon_backward_impl(grad_loss, z, labels, theta, logd, npos, temperature)
+
+
+def _supcon_backward_impl(grad_loss, z, labels, theta, logd, npos, temperature):
     if z.numel() == 0:
         return torch.zeros_like(z)
     if z.is_cuda:
