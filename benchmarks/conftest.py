@@ -12,6 +12,9 @@ import torch
 
 CUDA = torch.cuda.is_available()
 os.environ.pop("TRITON_INTERPRET", None)   # interpreter timings mean nothing
+if not CUDA:
+    # one thread: on a loaded 2-core machine two threads make CPU timings vary by 5-50x
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,9 @@ Use:
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 from dataclasses import dataclass
 
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
@@ -53,9 +55,35 @@ def unwrap(kernel):
         kernel = kernel.fn
 
 
+@contextlib.contextmanager
+def real_jit():
+    """Under TRITON_INTERPRET=1 every @triton.jit function — triton.language's own (tl.max, tl.sum,
+    tl.cdiv, ...) and the helpers our kernels call — is an InterpretedFunction, which the GPU
+    compiler rejects: swap real JITFunctions in for the duration of a compile. No-op otherwise."""
+    from triton.runtime.interpreter import InterpretedFunction
+    swapped = []
+    owners = [m for name, m in list(sys.modules.items())
+              if m is not None and (name.startswith("triton.language") or name.startswith("mcncl_fast.kernels"))]
+    for module in owners:
+        for name, value in list(vars(module).items()):
+            if isinstance(value, InterpretedFunction):
+                swapped.append((module, name, value))
+                setattr(module, name, triton.runtime.JITFunction(value.fn))
+    try:
+        yield
+    finally:
+        for module, name, value in reversed(swapped):
+            setattr(module, name, value)
+
+
 def compile_for_targets(kernel, signature: dict, constexprs: dict, num_warps: int = 4,
                         num_stages: int = 2, targets=TARGETS):
     """Compile for every target; assert the shared memory fits. Returns {target.name: compiled}."""
+    with real_jit():
+        return _compile_for_targets(kernel, signature, constexprs, num_warps, num_stages, targets)
+
+
+def _compile_for_targets(kernel, signature, constexprs, num_warps, num_stages, targets):
     fn = unwrap(kernel)
     sig = dict(signature)
     for name in constexprs:

@@ -7,36 +7,13 @@ dkdv fp32 147968 (A100 limit 166912); 16-bit dkdv 82176 / 90368.
 """
 from __future__ import annotations
 
-import contextlib
-import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
-import triton
-from triton.runtime.interpreter import InterpretedFunction
 
 import mcncl_fast.kernels.attention as kernels
 from tests.aot import POINTER, TARGETS, compile_for_targets, unwrap
-
-
-@contextlib.contextmanager
-def real_jit(*modules):
-    """Under TRITON_INTERPRET=1 every @triton.jit function (triton.language's own tl.max, tl.sum,
-    tl.cdiv, ... and the helpers a kernel calls) is an InterpretedFunction, which the GPU compiler
-    rejects: swap real JITFunctions in for the duration of a compile."""
-    swapped = []
-    owners = [m for name, m in list(sys.modules.items()) if name.startswith("triton.language")] + list(modules)
-    for module in owners:
-        for name, value in list(vars(module).items()):
-            if isinstance(value, InterpretedFunction):
-                swapped.append((module, name, value))
-                setattr(module, name, triton.runtime.JITFunction(value.fn))
-    try:
-        yield
-    finally:
-        for module, name, value in reversed(swapped):
-            setattr(module, name, value)
 
 
 KERNELS = {"fwd": (kernels.attn_fwd, kernels.FWD_CONFIGS), "dq": (kernels.attn_bwd_dq, kernels.DQ_CONFIGS),
@@ -105,9 +82,8 @@ def test_compiles_within_shared_memory(kind, dtype, head_dim, record_property):
         for has_mask in (True, False) if i == 0 else (True,):
             constexprs = dict(config.kwargs, HEAD_DIM=head_dim, HAS_MASK=has_mask,
                               PRECISION="ieee" if dtype == torch.float32 else "tf32")
-            with real_jit(kernels):
-                out = compile_for_targets(kernel, sig, constexprs, num_warps=config.num_warps,
-                                          num_stages=config.num_stages)
+            out = compile_for_targets(kernel, sig, constexprs, num_warps=config.num_warps,
+                                      num_stages=config.num_stages)
             for target in TARGETS:
                 assert "cubin" in out[target.name].asm
             # the prune estimate must not under-estimate, or the autotuner could launch a config that fails

@@ -8,30 +8,14 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-import triton.language as tl
 
 import mcncl_fast.kernels.attention as kernels
 from mcncl_fast import ops
 from mcncl_fast.reference import ops as ref
-from tests.helpers import INTERPRET, TOLERANCE, assert_close_rel, kernel_devices, poison_
+from tests.helpers import TOLERANCE, assert_close_rel, kernel_devices, poison_
 
 DEVICES = kernel_devices()
 pytestmark = pytest.mark.skipif(not DEVICES, reason="no Triton device: needs TRITON_INTERPRET=1 or CUDA")
-
-
-# The interpreter multiplies bfloat16 dot operands as raw uint16 (triton 3.9): convert them to
-# float32 first (exact), as the GPU's bf16 MMA does. Kernel code is untouched.
-if INTERPRET:
-    from triton.runtime import interpreter as _interp
-
-    _create_dot = _interp.InterpreterBuilder.create_dot
-    if not getattr(_create_dot, "_bf16_fixed", False):
-        def _create_dot_bf16(self, a, b, d, input_precision, max_num_imprecise_acc):
-            if a.dtype.scalar == tl.bfloat16:
-                a, b = self.cast_impl(a, tl.float32), self.cast_impl(b, tl.float32)
-            return _create_dot(self, a, b, d, input_precision, max_num_imprecise_acc)
-        _create_dot_bf16._bf16_fixed = True
-        _interp.InterpreterBuilder.create_dot = _create_dot_bf16
 
 
 @pytest.fixture(autouse=True)

@@ -8,38 +8,16 @@ The shared-memory bytes per kernel/config are recorded as a test property (max o
 """
 from __future__ import annotations
 
-import contextlib
-import sys
 
 import pytest
 import torch
-import triton
 import triton.language as tl
-from triton.runtime.interpreter import InterpretedFunction
 
 import mcncl_fast.kernels.psa as fwd
 import mcncl_fast.kernels.psa_backward as bwd
 import mcncl_fast.kernels.psa_pool as pool_kernels
 from tests.aot import POINTER, TARGETS, compile_for_targets, unwrap
 
-
-@contextlib.contextmanager
-def real_jit(*modules):
-    """Under TRITON_INTERPRET=1 every @triton.jit function (triton.language's own and the helpers a kernel
-    calls) is an InterpretedFunction, which the GPU compiler rejects: swap real JITFunctions in for the
-    duration of a compile. (Same as tests/test_attention_aot.py's; a candidate for tests/aot.py.)"""
-    swapped = []
-    owners = [m for name, m in list(sys.modules.items()) if name.startswith("triton.language")] + list(modules)
-    for module in owners:
-        for name, value in list(vars(module).items()):
-            if isinstance(value, InterpretedFunction):
-                swapped.append((module, name, value))
-                setattr(module, name, triton.runtime.JITFunction(value.fn))
-    try:
-        yield
-    finally:
-        for module, name, value in reversed(swapped):
-            setattr(module, name, value)
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 DOT = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}  # compiled
@@ -86,9 +64,8 @@ SMALL = {
 
 
 def _compile(kernel, sig, constexprs, config):
-    with real_jit(fwd, bwd, pool_kernels):
-        out = compile_for_targets(kernel, sig, constexprs, num_warps=config.num_warps,
-                                  num_stages=config.num_stages)
+    out = compile_for_targets(kernel, sig, constexprs, num_warps=config.num_warps,
+                              num_stages=config.num_stages)
     for target in TARGETS:
         assert "cubin" in out[target.name].asm
     return max(c.metadata.shared for c in out.values())
