@@ -220,3 +220,16 @@ def test_reference_ops_reject_bad_input():
         ops.psa(torch.randn(2, 3, 16), ws[:2] + [ws[3], ws[3]], bs, *fc)
     with pytest.raises(ValueError, match="frame_mask"):
         ops.psa(torch.randn(2, 3, 16), ws, bs, *fc, frame_mask=torch.ones(2, 4, dtype=torch.bool))
+
+
+def test_attention_grouped_is_a_loop_of_singles():
+    q = torch.randn(3, 2, 2, 5, 8, dtype=torch.float64)
+    k = torch.randn(3, 2, 2, 7, 8, dtype=torch.float64)
+    v = torch.randn(3, 2, 2, 7, 8, dtype=torch.float64)
+    shared = torch.rand(2, 7) > 0.4
+    per_group = torch.rand(3, 2, 7) > 0.4
+    got = ops.attention_grouped(q, k, v, shared)
+    got_g = ops.attention_grouped(q, k, v, per_group)
+    for g in range(3):
+        torch.testing.assert_close(got[g], ops.attention(q[g], k[g], v[g], shared))
+        torch.testing.assert_close(got_g[g], ops.attention(q[g], k[g], v[g], per_group[g]))

@@ -102,18 +102,7 @@ def attention_grouped(q, k, v, key_padding_mask=None, scale=None):
     `attention(q[g], k[g], v[g], mask or mask[g], scale)` over g."""
     check_attention_grouped_args(q, k, v, key_padding_mask, scale)
     if not _fast_path(q):
-        return _reference_grouped(q, k, v, key_padding_mask, scale)
+        return reference_ops.attention_grouped(q, k, v, key_padding_mask, scale)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     out, _ = _attention_fwd(q, k, v, key_padding_mask, scale)
     return out
-
-
-def _reference_grouped(q, k, v, key_padding_mask, scale):
-    g, b, h, lq, dh = q.shape
-    lk = k.shape[3]
-    mask = key_padding_mask
-    if mask is not None:
-        mask = (mask.expand(g, b, lk) if mask.dim() == 2 else mask).reshape(g * b, lk)
-    out = reference_ops.attention(q.reshape(g * b, h, lq, dh), k.reshape(g * b, h, lk, dh),
-                                  v.reshape(g * b, h, lk, dh), mask, scale)
-    return out.reshape(g, b, h, lq, dh)

@@ -11,9 +11,10 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .._checks import check_attention_args, check_psa_args, check_supcon_args
+from .._checks import check_attention_args, check_attention_grouped_args, check_psa_args, check_supcon_args
 
-__all__ = ["psa", "psa_pool", "attention", "supcon_hard_negative_loss", "hard_negative_counts"]
+__all__ = ["psa", "psa_pool", "attention", "attention_grouped", "supcon_hard_negative_loss",
+           "hard_negative_counts"]
 
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -68,6 +69,20 @@ def attention(q, k, v, key_padding_mask: Optional[torch.Tensor] = None, scale: O
         probs = scores.masked_fill(~attend, float("-inf")).softmax(dim=-1)
         probs = probs * has_key[:, None, :, None].to(probs.dtype)
     return torch.matmul(probs, v.to(acc)).to(q.dtype)
+
+
+def attention_grouped(q, k, v, key_padding_mask: Optional[torch.Tensor] = None, scale: Optional[float] = None):
+    """G independent attentions: q [G, B, H, Lq, Dh], k/v [G, B, H, Lk, Dh], key_padding_mask
+    [B, Lk] (shared by the groups) or [G, B, Lk]. Equals stacking attention(q[g], k[g], v[g], mask[g])."""
+    check_attention_grouped_args(q, k, v, key_padding_mask, scale)
+    g, b, h, lq, dh = q.shape
+    lk = k.shape[3]
+    mask = key_padding_mask
+    if mask is not None:   # fold the groups into the batch
+        mask = (mask.expand(g, b, lk) if mask.dim() == 2 else mask).reshape(g * b, lk)
+    out = attention(q.reshape(g * b, h, lq, dh), k.reshape(g * b, h, lk, dh), v.reshape(g * b, h, lk, dh),
+                    mask, scale)
+    return out.reshape(g, b, h, lq, dh)
 
 
 # ---------------------------------------------------------------------- SupCon
