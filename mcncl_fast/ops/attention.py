@@ -16,6 +16,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from .._autocast import matmul_class
 from .._checks import check_attention_args, check_attention_grouped_args
 from ..kernels import attention as kernels
 from ..reference import ops as reference_ops
@@ -85,6 +86,7 @@ _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ----------------------------------------------------------------------------- public ops
+@matmul_class
 def attention(q, k, v, key_padding_mask=None, scale=None):
     """softmax(q kᵀ·scale) v. q [B, H, Lq, Dh], k/v [B, H, Lk, Dh], key_padding_mask [B, Lk] bool
     (True = attend). A query whose keys are all masked gives 0 (and zero gradients)."""
@@ -96,6 +98,7 @@ def attention(q, k, v, key_padding_mask=None, scale=None):
     return out.squeeze(0)
 
 
+@matmul_class
 def attention_grouped(q, k, v, key_padding_mask=None, scale=None):
     """G independent attentions in one launch: q [G, B, H, Lq, Dh], k/v [G, B, H, Lk, Dh],
     key_padding_mask [B, Lk] (shared by the groups) or [G, B, Lk]. Same as stacking

@@ -16,6 +16,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from .._autocast import matmul_class
 from .._checks import check_psa_args
 from ..kernels import psa as fwd_kernels
 from ..kernels import psa_backward as bwd_kernels
@@ -120,6 +121,7 @@ _psa_pool_fwd.register_autograd(_backward(pool=True), setup_context=_setup_conte
 
 
 # ----------------------------------------------------------------------------- public ops
+@matmul_class
 def psa(x, weights, biases, fc1_weight, fc1_bias, fc2_weight, fc2_bias, frame_mask=None):
     """Pyramid squeeze attention over frames, x [N, L, C] -> [N, L, C] (DESIGN.md §3).
 
@@ -131,6 +133,7 @@ def psa(x, weights, biases, fc1_weight, fc1_bias, fc2_weight, fc2_bias, frame_ma
     return _psa_fwd(x, *weights, *biases, fc1_weight, fc1_bias, fc2_weight, fc2_bias, frame_mask)[0]
 
 
+@matmul_class
 def psa_pool(x, weights, biases, fc1_weight, fc1_bias, fc2_weight, fc2_bias, frame_mask=None):
     """Masked mean over valid frames of `psa(...)`: [N, L, C] -> [N, C]. Fully padded rows give 0."""
     check_psa_args(x, weights, biases, fc1_weight, fc1_bias, fc2_weight, fc2_bias, frame_mask)

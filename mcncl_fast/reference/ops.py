@@ -11,6 +11,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from .._autocast import matmul_class, reduction_class
 from .._checks import check_attention_args, check_attention_grouped_args, check_psa_args, check_supcon_args
 
 __all__ = ["psa", "psa_pool", "attention", "attention_grouped", "supcon_hard_negative_loss",
@@ -23,6 +24,7 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 # --------------------------------------------------------------------------- PSA
+@matmul_class
 def psa(x, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor],
         fc1_weight, fc1_bias, fc2_weight, fc2_bias, frame_mask=None):
     """Pyramid squeeze attention over frames. x: [N, L, C] -> [N, L, C]."""
@@ -44,6 +46,7 @@ def psa(x, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor],
     return y * gate.unsqueeze(1) * valid
 
 
+@matmul_class
 def psa_pool(x, weights, biases, fc1_weight, fc1_bias, fc2_weight, fc2_bias, frame_mask=None):
     """Masked mean over valid frames of `psa(...)`: [N, L, C] -> [N, C]. Fully padded rows give 0."""
     out = psa(x, weights, biases, fc1_weight, fc1_bias, fc2_weight, fc2_bias, frame_mask)
@@ -54,6 +57,7 @@ def psa_pool(x, weights, biases, fc1_weight, fc1_bias, fc2_weight, fc2_bias, fra
 
 
 # --------------------------------------------------------------------- attention
+@matmul_class
 def attention(q, k, v, key_padding_mask: Optional[torch.Tensor] = None, scale: Optional[float] = None):
     """softmax(q kᵀ · scale) v with key padding (True = attend); fully masked rows give 0."""
     check_attention_args(q, k, v, key_padding_mask, scale)
@@ -71,6 +75,7 @@ def attention(q, k, v, key_padding_mask: Optional[torch.Tensor] = None, scale: O
     return torch.matmul(probs, v.to(acc)).to(q.dtype)
 
 
+@matmul_class
 def attention_grouped(q, k, v, key_padding_mask: Optional[torch.Tensor] = None, scale: Optional[float] = None):
     """G independent attentions: q [G, B, H, Lq, Dh], k/v [G, B, H, Lk, Dh], key_padding_mask
     [B, Lk] (shared by the groups) or [G, B, Lk]. Equals stacking attention(q[g], k[g], v[g], mask[g])."""
@@ -131,6 +136,7 @@ def _supcon_single(z, labels, temperature, hard_ratio, normalize):
     return per_anchor[has_pos].mean()
 
 
+@reduction_class
 def supcon_hard_negative_loss(z, labels, temperature: float = 0.07, hard_ratio: float = 0.3,
                               normalize: bool = True):
     """Supervised contrastive loss over the hardest negatives (paper eq. 26).
