@@ -190,16 +190,8 @@ def load_checkpoint(path) -> dict:
     return state
 
 
-def _visual_frames_fp32(module, inputs, output):
-    # Under bf16 autocast the frame projection would feed bf16 frames to PSA, whose ops take x and their
-    # parameters in ONE dtype (fp32 here): keep the small PSA block in fp32; the rest runs in bf16.
-    return output.float() if torch.is_autocast_enabled(output.device.type) else output
-
-
 def build_model(model_config: ModelConfig, device) -> Model:
-    model = Model(model_config).to(device)
-    model.encoders["v"].register_forward_hook(_visual_frames_fp32)
-    return model
+    return Model(model_config).to(device)
 
 
 def model_config_for(cfg: TrainConfig, splits: DataSplits) -> ModelConfig:

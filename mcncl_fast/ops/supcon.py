@@ -12,8 +12,6 @@ data-dependent host code.
 """
 from __future__ import annotations
 
-import math
-import os
 
 import torch
 import torch.nn.functional as F
