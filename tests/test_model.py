@@ -148,3 +148,20 @@ def test_fast_modules_match_reference_modules():
     query, kv = torch.randn(2, 4, 16), torch.randn(2, 6, 16)
     kpm = torch.tensor([[True] * 6, [True, True, False, False, False, False]])
     torch.testing.assert_close(mha_fast(query, kv, kpm), mha_ref(query, kv, kpm), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("with_labels", [False, True])
+def test_torch_compile_fullgraph_traces_the_fast_model(with_labels):
+    # DESIGN.md §5: every op is a custom op with a fake implementation, so the model traces whole
+    cfg = mcncl_fast.ModelConfig(**TINY)
+    model = mcncl_fast.Model(cfg)
+    batch = make_batch(cfg=cfg)
+    if not with_labels:
+        batch.pop("labels")
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    got, want = compiled(**batch), model(**batch)
+    torch.testing.assert_close(got.logits, want.logits)
+    if with_labels:
+        torch.testing.assert_close(got.loss, want.loss)
+        got.loss.backward()
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
