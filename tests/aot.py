@@ -55,25 +55,57 @@ def unwrap(kernel):
         kernel = kernel.fn
 
 
+def _language_objects():
+    import triton.language as tl
+    names = ("tensor", "dtype", "condition", "tensor_descriptor_base")
+    objs = [tl, tl.core, tl.math] + [getattr(tl.core, n) for n in names if hasattr(tl.core, n)]
+    return [o for i, o in enumerate(objs) if all(o is not p for p in objs[:i])]
+
+
+# triton.language as it is before anything is interpreted (tests/conftest.py imports this module
+# first). The interpreter patches tl's builtins while it runs a kernel, and a call of a @triton.jit
+# helper leaves them patched for good (triton 3.9, InterpretedFunction.__call__): a later GPU
+# compile in the same process then fails. real_jit() puts the pristine attributes back meanwhile.
+_PRISTINE = [(obj, dict(vars(obj))) for obj in _language_objects()]
+
+
+@contextlib.contextmanager
+def _pristine_language():
+    changed = []
+    for obj, original in _PRISTINE:
+        current = vars(obj)
+        for name, value in original.items():
+            if current.get(name, value) is not value:
+                changed.append((obj, name, current[name]))
+                setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        for obj, name, value in reversed(changed):
+            setattr(obj, name, value)
+
+
 @contextlib.contextmanager
 def real_jit():
     """Under TRITON_INTERPRET=1 every @triton.jit function — triton.language's own (tl.max, tl.sum,
     tl.cdiv, ...) and the helpers our kernels call — is an InterpretedFunction, which the GPU
-    compiler rejects: swap real JITFunctions in for the duration of a compile. No-op otherwise."""
+    compiler rejects: swap real JITFunctions in (and triton.language's pristine builtins back) for
+    the duration of a compile. No-op otherwise."""
     from triton.runtime.interpreter import InterpretedFunction
-    swapped = []
-    owners = [m for name, m in list(sys.modules.items())
-              if m is not None and (name.startswith("triton.language") or name.startswith("mcncl_fast.kernels"))]
-    for module in owners:
-        for name, value in list(vars(module).items()):
-            if isinstance(value, InterpretedFunction):
-                swapped.append((module, name, value))
-                setattr(module, name, triton.runtime.JITFunction(value.fn))
-    try:
-        yield
-    finally:
-        for module, name, value in reversed(swapped):
-            setattr(module, name, value)
+    with _pristine_language():   # first the builtins, then the jit functions on top
+        swapped = []
+        owners = [m for name, m in list(sys.modules.items()) if m is not None
+                  and (name.startswith("triton.language") or name.startswith("mcncl_fast.kernels"))]
+        for module in owners:
+            for name, value in list(vars(module).items()):
+                if isinstance(value, InterpretedFunction):
+                    swapped.append((module, name, value))
+                    setattr(module, name, triton.runtime.JITFunction(value.fn))
+        try:
+            yield
+        finally:
+            for module, name, value in reversed(swapped):
+                setattr(module, name, value)
 
 
 def compile_for_targets(kernel, signature: dict, constexprs: dict, num_warps: int = 4,

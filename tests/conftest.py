@@ -16,6 +16,8 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 import torch  # noqa: E402
 
+import tests.aot  # noqa: E402,F401  (snapshots triton.language before any kernel is interpreted)
+
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 CUDA = torch.cuda.is_available()
 
