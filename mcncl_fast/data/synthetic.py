@@ -26,7 +26,7 @@ class SyntheticConversations(Dataset):
     def __init__(self, split: str = "train", num_dialogues: int | None = None, seed: int = 0,
                  text_dim: int = 768, audio_dim: int = 88, visual_dim: int = 1000,
                  max_utterances: int = 24, max_frames: int = 6, persistence: float = 0.5,
-                 strong: float = 1.0, weak: float = 0.3, silent_fraction: float = 0.2, noise: float = 1.0):
+                 strong: float = 6.0, weak: float = 1.2, silent_fraction: float = 0.2, noise: float = 1.0):
         if split not in SPLIT_SIZES:
             raise ValueError(f"split: expected one of {sorted(SPLIT_SIZES)}, got {split!r}")
         self.split, self.seed = split, seed
@@ -38,7 +38,8 @@ class SyntheticConversations(Dataset):
         self.prototypes = {}
         for m, dim in self.dims.items():
             p = proto_rng.standard_normal((len(MELD_CLASSES), dim))
-            # unit-norm prototypes: the per-utterance signal-to-noise ratio is strength / noise
+            # unit-norm prototypes and isotropic noise: along a prototype the signal-to-noise ratio is
+            # strength / noise whatever the dimension
             self.prototypes[m] = torch.from_numpy(p / np.linalg.norm(p, axis=1, keepdims=True)).float()
         prior = np.asarray(MELD_TRAIN_COUNTS, dtype=np.float64)
         prior /= prior.sum()
@@ -65,18 +66,16 @@ class SyntheticConversations(Dataset):
         g = torch.Generator().manual_seed(hash((self.seed, SPLIT_OFFSET[self.split], index)) & 0x7FFFFFFF)
         y = torch.from_numpy(labels)
         s = torch.from_numpy(strength)
-        # noise std per dimension is noise / sqrt(dim), so noise norms are ~ `noise` in every modality
         out = {}
         for col, (m, key) in enumerate((("t", "text"), ("a", "audio"))):
-            dim = self.dims[m]
             signal = s[:, col:col + 1] * self.prototypes[m][y]
-            out[key] = signal + torch.randn(len(y), dim, generator=g) * (self.noise / dim ** 0.5)
+            out[key] = signal + torch.randn(len(y), self.dims[m], generator=g) * self.noise
         dim = self.dims["v"]
         visual = []
         for u in range(len(y)):
             signal = s[u, 2] * self.prototypes["v"][y[u]]
             # per-frame noise is larger: averaging the frames recovers the signal
-            noise = torch.randn(int(frames[u]), dim, generator=g) * (2.0 * self.noise / dim ** 0.5)
+            noise = torch.randn(int(frames[u]), dim, generator=g) * (2.0 * self.noise)
             visual.append(signal + noise)
         return {"id": f"{self.split}-{index}", "text": out["text"], "audio": out["audio"],
                 "visual": visual, "labels": y}
