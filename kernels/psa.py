@@ -108,6 +108,20 @@ def frame_ok(mask_ptr, rows64, t, ok, L, HAS_MASK: tl.constexpr):
     return ok
 
 
+@triton.jit
+def branch_tile(Q, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr):
+    """Program coordinates of the frame-tiled kernels, grid (row blocks, 4 branches x channel blocks):
+    the branch s, this program's channels of that branch, its first row, and for each of its BLOCK_M
+    slots the row and the frame offset within the BLOCK_L-frame window."""
+    BLOCK_N: tl.constexpr = BLOCK_M // BLOCK_L
+    num_qb = tl.cdiv(Q, BLOCK_Q)
+    s = tl.program_id(1) // num_qb
+    offs_c = (tl.program_id(1) % num_qb) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    row0 = tl.program_id(0) * BLOCK_N
+    offs_m = tl.arange(0, BLOCK_M)
+    return s, offs_c, row0, row0 + offs_m // BLOCK_L, offs_m % BLOCK_L
+
+
 @triton.autotune(configs=CONV_CONFIGS, key=["L", "C"], prune_configs_by=PRUNE)
 @triton.heuristics({"BLOCK_L": block_l})
 @triton.jit
@@ -115,21 +129,14 @@ def _psa_conv_fwd_kernel(x_ptr, mask_ptr, w_ptr, b_ptr, y_ptr, z_ptr, N, L, C, Q
                          HAS_MASK: tl.constexpr, DOT_DTYPE: tl.constexpr,
                          BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr):
     BLOCK_N: tl.constexpr = BLOCK_M // BLOCK_L
-    pid_n = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    num_qb = tl.cdiv(Q, BLOCK_Q)
-    s = pid_c // num_qb
+    s, offs_o, row0, rows, tt = branch_tile(Q, BLOCK_Q, BLOCK_M, BLOCK_L)
     K = 2 * s + 3
     PAD = s + 1
     w_base = w_ptr + Q * Q * s * (s + 2)
-    offs_o = (pid_c % num_qb) * BLOCK_Q + tl.arange(0, BLOCK_Q)
     o_ok = offs_o < Q
     offs_i = tl.arange(0, BLOCK_Q)
-    offs_m = tl.arange(0, BLOCK_M)
-    rows = pid_n * BLOCK_N + offs_m // BLOCK_L
     row_ok = rows < N
     rows64 = rows.to(tl.int64)
-    tt = offs_m % BLOCK_L
     bias = tl.load(b_ptr + s * Q + offs_o, mask=o_ok, other=0.0).to(tl.float32)
     zsum = tl.zeros((BLOCK_N, BLOCK_Q), tl.float32)
     cnt = tl.zeros((BLOCK_N,), tl.float32)
@@ -156,7 +163,7 @@ def _psa_conv_fwd_kernel(x_ptr, mask_ptr, w_ptr, b_ptr, y_ptr, z_ptr, N, L, C, Q
         zsum += tl.sum(tl.reshape(ym, (BLOCK_N, BLOCK_L, BLOCK_Q)), axis=1)
         cnt += tl.sum(tl.reshape(valid.to(tl.float32), (BLOCK_N, BLOCK_L)), axis=1)
     z = zsum / tl.maximum(cnt, 1.0)[:, None]
-    zrows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    zrows = row0 + tl.arange(0, BLOCK_N)
     tl.store(z_ptr + (zrows.to(tl.int64) * C + s * Q)[:, None] + offs_o[None, :], z,
              mask=(zrows < N)[:, None] & o_ok[None, :])
 

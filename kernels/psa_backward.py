@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from .psa import (BRANCHES, CONV_CONFIGS, ELEMENTWISE_CONFIGS, PRUNE, SE_CONFIGS, block_h, block_l, block_q,
-                  dot_dtype, empty, frame_ok, interpreting, mask_arg, pack_conv)
+                  branch_tile, dot_dtype, empty, frame_ok, interpreting, mask_arg, pack_conv)
 
 TAPS = 3 + 5 + 7 + 9
 
@@ -124,22 +124,14 @@ def _psa_se_bwd_kernel(dg_ptr, z_ptr, h_ptr, g_ptr, cnt_ptr, fc1w_ptr, fc2w_ptr,
 def _psa_conv_dx_kernel(dout_ptr, g_ptr, a_ptr, mask_ptr, w_ptr, dx_ptr, N, L, C, Q,
                         HAS_MASK: tl.constexpr, DOT_DTYPE: tl.constexpr,
                         BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr):
-    BLOCK_N: tl.constexpr = BLOCK_M // BLOCK_L
-    pid_n = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    num_qb = tl.cdiv(Q, BLOCK_Q)
-    s = pid_c // num_qb
+    s, offs_i, _, rows, tt = branch_tile(Q, BLOCK_Q, BLOCK_M, BLOCK_L)
     K = 2 * s + 3
     PAD = s + 1
     w_base = w_ptr + Q * Q * s * (s + 2)
-    offs_i = (pid_c % num_qb) * BLOCK_Q + tl.arange(0, BLOCK_Q)
     i_ok = offs_i < Q
     offs_o = tl.arange(0, BLOCK_Q)
-    offs_m = tl.arange(0, BLOCK_M)
-    rows = pid_n * BLOCK_N + offs_m // BLOCK_L
     row_ok = rows < N
     rows64 = rows.to(tl.int64)
-    tt = offs_m % BLOCK_L
     for t0 in range(0, L, BLOCK_L):
         t = t0 + tt
         acc = tl.zeros((BLOCK_M, BLOCK_Q), tl.float32)

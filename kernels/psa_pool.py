@@ -25,7 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .psa import BRANCHES, CONV_CONFIGS, PRUNE, block_l, block_q, empty, frame_ok, mask_arg, pack_conv, se_forward
+from .psa import (BRANCHES, CONV_CONFIGS, PRUNE, block_l, block_q, branch_tile, empty, frame_ok, mask_arg, pack_conv,
+                  se_forward)
 from .psa_backward import se_backward
 
 TAPS = 3 + 5 + 7 + 9
@@ -38,20 +39,13 @@ def _psa_window_sum_kernel(x_ptr, mask_ptr, s_ptr, N, L, C, Q, HAS_MASK: tl.cons
                            BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr):
     """S[n, (s(s+2) + j) Q + i] = sum_u x_m[n, u, sQ + i] m[n, u - j + P]; grid (row blocks, 4 x channel blocks)."""
     BLOCK_N: tl.constexpr = BLOCK_M // BLOCK_L
-    pid_n = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    num_qb = tl.cdiv(Q, BLOCK_Q)
-    s = pid_c // num_qb
+    s, offs_i, row0, rows, tt = branch_tile(Q, BLOCK_Q, BLOCK_M, BLOCK_L)
     K = 2 * s + 3
     PAD = s + 1
-    offs_i = (pid_c % num_qb) * BLOCK_Q + tl.arange(0, BLOCK_Q)
     i_ok = offs_i < Q
-    offs_m = tl.arange(0, BLOCK_M)
-    rows = pid_n * BLOCK_N + offs_m // BLOCK_L
     row_ok = rows < N
     rows64 = rows.to(tl.int64)
-    tt = offs_m % BLOCK_L
-    nrows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    nrows = row0 + tl.arange(0, BLOCK_N)
     s_rows = s_ptr + nrows.to(tl.int64) * (4 * Q * 6) + s * (s + 2) * Q
     for j in range(0, K):
         acc = tl.zeros((BLOCK_N, BLOCK_Q), tl.float32)
@@ -72,20 +66,12 @@ def _psa_window_sum_kernel(x_ptr, mask_ptr, s_ptr, N, L, C, Q, HAS_MASK: tl.cons
 def _psa_window_dx_kernel(bmat_ptr, mask_ptr, dx_ptr, N, L, C, Q, HAS_MASK: tl.constexpr, BLOCK_Q: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr):
     """dx[n, u, sQ + i] = m[u] sum_j m[u - j + P] B[n, (s(s+2) + j) Q + i]; grid as the window sums."""
-    BLOCK_N: tl.constexpr = BLOCK_M // BLOCK_L
-    pid_n = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    num_qb = tl.cdiv(Q, BLOCK_Q)
-    s = pid_c // num_qb
+    s, offs_i, _, rows, tt = branch_tile(Q, BLOCK_Q, BLOCK_M, BLOCK_L)
     K = 2 * s + 3
     PAD = s + 1
-    offs_i = (pid_c % num_qb) * BLOCK_Q + tl.arange(0, BLOCK_Q)
     i_ok = offs_i < Q
-    offs_m = tl.arange(0, BLOCK_M)
-    rows = pid_n * BLOCK_N + offs_m // BLOCK_L
     row_ok = rows < N
     rows64 = rows.to(tl.int64)
-    tt = offs_m % BLOCK_L
     b_rows = bmat_ptr + rows64 * (4 * Q * 6) + s * (s + 2) * Q
     for t0 in range(0, L, BLOCK_L):
         u = t0 + tt
