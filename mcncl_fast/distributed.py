@@ -24,9 +24,8 @@ from typing import Dict
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
-MODALITIES = ("t", "a", "v")
+from .reference.model import MODALITIES, mcncl_loss
 
 
 @dataclass
@@ -142,23 +141,9 @@ def global_batch_loss(logits: torch.Tensor, features: Dict[str, torch.Tensor], l
     """
     if supcon is None:
         from .ops import supcon_hard_negative_loss as supcon
+    projections = {m: features[f"proj_{m}"] for m in MODALITIES}
     with torch.autocast(device_type=logits.device.type, enabled=False):   # the loss is computed in fp32
-        return _global_batch_loss(logits, features, labels, utterance_mask, config, supcon)
-
-
-def _global_batch_loss(logits, features, labels, utterance_mask, config, supcon):
-    valid = labels[utterance_mask]
-    ce_sum = F.cross_entropy(logits[utterance_mask].float(), valid, reduction="sum")
-    z = torch.stack([features[f"proj_{m}"][utterance_mask] for m in MODALITIES], dim=1).float()  # [n, 3, P]
-    z_all = all_gather_rows(z).transpose(0, 1).contiguous()                                       # [3, N, P]
-    labels_all = all_gather_rows(valid, with_grad=False)
-    ce_total = all_gather_rows(ce_sum.reshape(1)).sum()
-    n = labels_all.numel()
-    ce = ce_total / max(n, 1)
-    contrastive = supcon(z_all, labels_all, config.temperature, config.hard_ratio)
-    weights = torch.tensor([config.alpha, config.beta, config.gamma], device=contrastive.device)
-    return {"loss": ce + (weights * contrastive).sum(), "ce_loss": ce, "contrastive_loss": contrastive,
-            "num_utterances": n}
+        return mcncl_loss(config, logits, projections, labels, utterance_mask, supcon, gather_rows=all_gather_rows)
 
 
 def shard_indices(n: int, ctx: DistContext) -> list:

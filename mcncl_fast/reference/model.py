@@ -223,16 +223,34 @@ class Model(nn.Module):
                     **{f"proj_{m}": projections[m] for m in MODALITIES}}
         if labels is None:
             return ModelOutput(logits=logits, features=features)
-        cfg = self.config
-        valid_labels = labels[utterance_mask]
-        # sum / count rather than mean: a batch with no valid utterance gives 0, not NaN
-        ce = F.cross_entropy(logits[utterance_mask].float(), valid_labels, reduction="sum") \
-            / max(valid_labels.numel(), 1)
-        z = torch.stack([projections[m][utterance_mask] for m in MODALITIES])      # [3, N, P]
-        contrastive = self.ops.supcon_hard_negative_loss(z, valid_labels, cfg.temperature, cfg.hard_ratio)
-        weights = torch.tensor([cfg.alpha, cfg.beta, cfg.gamma], device=contrastive.device)
-        return ModelOutput(logits=logits, loss=ce + (weights * contrastive).sum(), ce_loss=ce,
-                           contrastive_loss=contrastive, features=features)
+        losses = mcncl_loss(self.config, logits, projections, labels, utterance_mask,
+                            self.ops.supcon_hard_negative_loss)
+        return ModelOutput(logits=logits, loss=losses["loss"], ce_loss=losses["ce_loss"],
+                           contrastive_loss=losses["contrastive_loss"], features=features)
+
+
+def mcncl_loss(cfg: ModelConfig, logits, projections, labels, utterance_mask, supcon, gather_rows=None):
+    """CE + α·L_t + β·L_a + γ·L_v over the valid utterances (DESIGN.md §3).
+
+    projections: {"t", "a", "v"} -> [B, S, P]; supcon: the SupCon op to use. `gather_rows(x,
+    with_grad)` concatenates every process's rows (autograd-aware): with it the loss is that of the
+    global batch under data parallelism (mcncl_fast.distributed). Returns loss, ce_loss,
+    contrastive_loss [3] and num_utterances.
+    """
+    valid_labels = labels[utterance_mask]
+    # sum / count rather than mean: a batch with no valid utterance gives 0, not NaN
+    ce_sum = F.cross_entropy(logits[utterance_mask].float(), valid_labels, reduction="sum")
+    z = torch.stack([projections[m][utterance_mask] for m in MODALITIES])       # [3, N, P]
+    if gather_rows is not None:
+        z = gather_rows(z.float().transpose(0, 1).contiguous(), with_grad=True).transpose(0, 1)
+        valid_labels = gather_rows(valid_labels, with_grad=False)
+        ce_sum = gather_rows(ce_sum.reshape(1), with_grad=True).sum()
+    count = valid_labels.numel()
+    ce = ce_sum / max(count, 1)
+    contrastive = supcon(z, valid_labels, cfg.temperature, cfg.hard_ratio)
+    weights = torch.tensor([cfg.alpha, cfg.beta, cfg.gamma], device=contrastive.device)
+    return {"loss": ce + (weights * contrastive).sum(), "ce_loss": ce, "contrastive_loss": contrastive,
+            "num_utterances": count}
 
 
 def check_model_inputs(cfg: ModelConfig, text, audio, visual, utterance_mask, frame_mask, labels):
