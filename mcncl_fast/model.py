@@ -1,13 +1,14 @@
 """`mcncl_fast.Model`: the reference model with its hot paths on the fast ops.
 
 Same parameters and state_dict keys as `mcncl_fast.reference.Model` (it is a
-subclass); only the op namespace and two hooks differ.
+subclass); only the op namespace, the PSA module class and one hook differ.
 """
 from __future__ import annotations
 
 import torch
 
 from . import ops as fast_ops
+from .modules import PSA
 from .reference.model import Model as ReferenceModel
 from .reference.model import ModelConfig, ModelOutput
 
@@ -16,10 +17,7 @@ __all__ = ["Model", "ModelConfig", "ModelOutput"]
 
 class Model(ReferenceModel):
     ops = fast_ops
-
-    def _pool_visual(self, frames, frame_mask):
-        # pooled PSA without materialising the [N, L, C] output
-        return fast_ops.psa_pool(frames, *self.psa.op_args(), frame_mask=frame_mask)
+    psa_cls = PSA   # its pool() is psa_pool: no [N, L, C] output is materialised
 
     def _cross_attend(self, attns, queries, keys, key_padding_mask):
         """The three streams' attentions of one sub-layer as one grouped launch.

@@ -270,7 +270,7 @@ def _train(cfg, state, ctx, out_dir, step_callback):
                           visual_path=cfg.visual_path)
     if len(splits.train) == 0:
         raise UserError(f"--dataset {cfg.dataset}: the train split is empty")
-    model_config = ModelConfig(**state["model_config"]) if state else model_config_for(cfg, splits)
+    model_config = ModelConfig.from_dict(state["model_config"]) if state else model_config_for(cfg, splits)
     model = build_model(model_config, device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = len(loaders(cfg, splits, 0, ctx))
@@ -388,7 +388,7 @@ def evaluate(checkpoint_path, split: str = "test", device: str = "auto", output:
     dev = resolve_device(device)
     splits = load_dataset(cfg.dataset, cfg.data_path, seed=cfg.seed, synthetic_scale=cfg.synthetic_scale,
                           visual_path=cfg.visual_path)
-    model = build_model(ModelConfig(**state["model_config"]), dev)
+    model = build_model(ModelConfig.from_dict(state["model_config"]), dev)
     model.load_state_dict(state["model"])
     report = evaluate_split(model, cfg, splits, split, dev)
     report["checkpoint"] = str(checkpoint_path)

@@ -296,7 +296,7 @@ def test_fast_model_matches_reference_model(device, kv_source, monkeypatch):
         q, *a, **kw))
     class FastAttentionModel(mcncl_fast.Model):       # only the attention hook differs from the reference
         ops = reference.ops
-        _pool_visual = reference.Model._pool_visual
+        psa_cls = reference.model.PSA
 
     cfg = mcncl_fast.ModelConfig(text_dim=12, audio_dim=6, visual_dim=10, d_model=32, num_layers=2, num_heads=1,
                                  proj_dim=8, num_classes=4, dropout=0.0, kv_source=kv_source)

@@ -23,7 +23,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterable, List, Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 import torch
 from safetensors import safe_open
@@ -190,7 +190,3 @@ def load_feature_store(directory, dev_fraction: float = DEV_FRACTION) -> DataSpl
             raise UserError(f"{part.path}: class names {part.class_names} / dims {part.dims} differ from "
                             f"{train.path} ({train.class_names} / {train.dims})")
     return DataSplits(train, dev, test, list(train.class_names), *train.dims)
-
-
-def dialogues_of(dataset) -> List[dict]:
-    return [dataset[i] for i in range(len(dataset))]

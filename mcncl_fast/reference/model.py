@@ -5,7 +5,7 @@ cross-attention -> projection heads + classifier -> CE + weighted SupCon.
 
 The modules call their ops through `self.ops` (this package's reference ops);
 `mcncl_fast.Model` is the same model with `ops` set to the fast ops and two
-hooks overridden (`_pool_visual`, `_cross_attend`), so parameters and
+module class and one hook swapped (`psa_cls`, `_cross_attend`), so parameters and
 state_dict keys are shared by construction.
 """
 from __future__ import annotations
@@ -163,6 +163,7 @@ class ProjectionHead(nn.Module):
 
 class Model(nn.Module):
     ops = reference_ops
+    psa_cls = PSA
 
     def __init__(self, config: Optional[ModelConfig] = None):
         super().__init__()
@@ -170,7 +171,7 @@ class Model(nn.Module):
         d = cfg.d_model
         self.encoders = nn.ModuleDict({"t": nn.Linear(cfg.text_dim, d), "a": nn.Linear(cfg.audio_dim, d),
                                        "v": nn.Linear(cfg.visual_dim, d)})
-        self.psa = PSA(d)
+        self.psa = self.psa_cls(d)
         self.layers = nn.ModuleList(nn.ModuleDict({m: CrossModalLayer(cfg) for m in MODALITIES})
                                     for _ in range(cfg.num_layers))
         self.heads = nn.ModuleDict({m: ProjectionHead(d, cfg.proj_dim) for m in MODALITIES})
@@ -178,10 +179,6 @@ class Model(nn.Module):
                                         nn.Linear(d, d), nn.ReLU(), nn.Linear(d, cfg.num_classes))
 
     # -- hooks the fast model overrides ------------------------------------------------
-    def _pool_visual(self, frames, frame_mask):
-        """frames [N, L, d] -> C_v [N, d]: masked mean over valid frames of PSA(frames)."""
-        return self.psa.pool(frames, frame_mask)
-
     def _cross_attend(self, attns: List[MultiHeadAttention], queries, keys, key_padding_mask):
         """One cross-attention per stream (same shapes): returns the out-projected outputs."""
         outs = []
@@ -196,7 +193,7 @@ class Model(nn.Module):
         b, s, length, _ = visual.shape
         frames = self.encoders["v"](visual).reshape(b * s, length, -1)
         fm = None if frame_mask is None else frame_mask.reshape(b * s, length)
-        c_v = self._pool_visual(frames, fm).reshape(b, s, -1)
+        c_v = self.psa.pool(frames, fm).reshape(b, s, -1)   # masked mean over frames of PSA
         return {"t": self.encoders["t"](text), "a": self.encoders["a"](audio), "v": c_v}
 
     def fuse(self, unimodal, utterance_mask):
