@@ -4,6 +4,8 @@
 #pragma once
 
 #include <cstdint>
+#include <stdexcept>
+#include <string>
 
 namespace mcncl {
 
@@ -23,8 +25,20 @@ struct SupconBackwardArgs {
   std::uintptr_t w_scale;   // float32 [M]: max |w| of each modality (the CUDA kernels stage A / w_scale
                             // in 16 bits; 0 means the modality's gradient is zero). Unused on the host.
   double inv_tau;
-  std::uintptr_t grad;      // contiguous [M, N, D] output: float64 when z is float64, else float32
+  std::uintptr_t grad;      // contiguous [M, row_count, D] output: float64 when z is float64, else float32
+  long long row_start = 0;  // anchor rows [row_start, row_start + row_count) of z get a gradient (against
+  long long row_count = -1; // all N columns); -1: all rows from row_start on. theta/logd/w stay [M, N].
 };
+
+// Validated number of output rows of the row range (row_count < 0 means up to N); throws
+// std::invalid_argument (ValueError in Python) when the range does not lie inside [0, N].
+inline long long supcon_row_count(const SupconBackwardArgs& a, const char* who) {
+  const long long count = a.row_count < 0 ? a.n - a.row_start : a.row_count;
+  if (a.row_start < 0 || a.row_start > a.n || count < 0 || count > a.n - a.row_start)
+    throw std::invalid_argument(std::string(who) + ": row range [" + std::to_string(a.row_start) + ", +" +
+                                std::to_string(a.row_count) + ") is not inside [0, " + std::to_string(a.n) + ")");
+  return count;
+}
 
 // Host implementation (float32 / float64 z), multi-threaded; num_threads <= 0: all cores.
 void supcon_backward_host(const SupconBackwardArgs& args, int num_threads);

@@ -39,7 +39,8 @@ struct Params {
   const float* inv_npos;
   const float* w_scale;
   float inv_tau;
-  float* grad;
+  float* grad;               // [M, rows, D]
+  long long row_start, rows; // anchor rows [row_start, row_start + rows) of z
 };
 
 template <typename T> __device__ __forceinline__ T from_float(float x);
@@ -86,14 +87,15 @@ template <typename T>
 __global__ void __launch_bounds__(kWarps * 32) supcon_backward_wmma(Params p) {
   __shared__ WmmaShared<T> sh;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const long long i0 = static_cast<long long>(blockIdx.x) * kBM;
+  const long long i0 = p.row_start + static_cast<long long>(blockIdx.x) * kBM;
+  const long long i_end = p.row_start + p.rows;
   const long long c0 = static_cast<long long>(blockIdx.y) * kDO;
   const long long m = blockIdx.z;
   const float scale = p.w_scale[m];
   if (scale == 0.f) {  // zero upstream gradient: write zeros
     for (int e = tid; e < kBM * kDO; e += blockDim.x) {
       const long long i = i0 + e / kDO, c = c0 + e % kDO;
-      if (i < p.n && c < p.d) p.grad[(m * p.n + i) * p.d + c] = 0.f;
+      if (i < i_end && c < p.d) p.grad[(m * p.rows + i - p.row_start) * p.d + c] = 0.f;
     }
     return;
   }
@@ -172,7 +174,7 @@ __global__ void __launch_bounds__(kWarps * 32) supcon_backward_wmma(Params p) {
     for (int e = lane; e < 16 * kBN; e += 32) {
       const int r = e / kBN, c = e % kBN;
       const long long i = i0 + warp * 16 + r, col = c0 + half * kBN + c;
-      if (i < p.n && col < p.d) p.grad[(m * p.n + i) * p.d + col] = srow[r * kLdS + c] * scale;
+      if (i < i_end && col < p.d) p.grad[(m * p.rows + i - p.row_start) * p.d + col] = srow[r * kLdS + c] * scale;
     }
   }
 }
@@ -196,7 +198,8 @@ struct Fp32Shared {
 __global__ void __launch_bounds__(kThreads32) supcon_backward_fp32(Params p) {
   __shared__ Fp32Shared sh;
   const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;  // rows ty + 16a, columns tx + 16b
-  const long long i0 = static_cast<long long>(blockIdx.x) * kBM;
+  const long long i0 = p.row_start + static_cast<long long>(blockIdx.x) * kBM;
+  const long long i_end = p.row_start + p.rows;
   const long long c0 = static_cast<long long>(blockIdx.y) * kDO32;
   const long long m = blockIdx.z;
   for (int r = tid; r < kBM; r += kThreads32) sh.ri[r] = row_stats(p, m, i0 + r);
@@ -267,7 +270,7 @@ __global__ void __launch_bounds__(kThreads32) supcon_backward_fp32(Params p) {
 #pragma unroll
     for (int b = 0; b < 4; ++b) {
       const long long i = i0 + ty + 16 * a, col = c0 + tx + 16 * b;
-      if (i < p.n && col < p.d) p.grad[(m * p.n + i) * p.d + col] = out[a][b];
+      if (i < i_end && col < p.d) p.grad[(m * p.rows + i - p.row_start) * p.d + col] = out[a][b];
     }
 }
 
@@ -282,7 +285,8 @@ void check(cudaError_t err, const char* what) {
 
 void supcon_backward_cuda(const SupconBackwardArgs& a, std::uintptr_t stream_handle) {
   if (a.m < 0 || a.n < 0 || a.d < 0) throw std::invalid_argument("supcon_backward_cuda: negative size");
-  if (a.m == 0 || a.n == 0 || a.d == 0) return;
+  const long long rows = supcon_row_count(a, "supcon_backward_cuda");
+  if (a.m == 0 || rows == 0 || a.d == 0) return;
   Params p;
   p.z = reinterpret_cast<const void*>(a.z);
   p.m = a.m; p.n = a.n; p.d = a.d; p.sm = a.sz_m; p.sn = a.sz_n; p.sd = a.sz_d;
@@ -294,8 +298,10 @@ void supcon_backward_cuda(const SupconBackwardArgs& a, std::uintptr_t stream_han
   p.w_scale = reinterpret_cast<const float*>(a.w_scale);
   p.inv_tau = static_cast<float>(a.inv_tau);
   p.grad = reinterpret_cast<float*>(a.grad);
+  p.row_start = a.row_start;
+  p.rows = rows;
   cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_handle);
-  const unsigned row_blocks = static_cast<unsigned>((a.n + kBM - 1) / kBM);
+  const unsigned row_blocks = static_cast<unsigned>((rows + kBM - 1) / kBM);
   if (a.m > 65535) throw std::invalid_argument("supcon_backward_cuda: at most 65535 modalities");
   switch (a.dtype) {
     case kFloat32: {

@@ -1,6 +1,6 @@
 // Host (CPU) implementation of the hard-negative SupCon backward: the same tiled algorithm as the
 // CUDA kernel (supcon_cuda.cu) on top of the same per-element math (supcon_math.h).
-//   for every modality m and row block I (threads pull blocks from a shared counter):
+//   for every modality m and row block I of the anchor-row range (threads pull blocks from a counter):
 //     for every column block J: S = Z_I Z_J^T (recomputed), A = G_IJ + G_JI^T, dZ_I += A Z_J
 // Coefficients and dZ are accumulated in double (s in the input precision).
 // Memory: per thread O((BI + BJ) * D + BI * BJ) scratch; nothing of size N x N.
@@ -40,9 +40,9 @@ void load_block(const SupconBackwardArgs& a, long long m, long long row0, long l
 }
 
 template <typename T>
-void run_host(const SupconBackwardArgs& a, int num_threads) {
-  const long long n = a.n, d = a.d;
-  const long long row_blocks = (n + kBI - 1) / kBI;
+void run_host(const SupconBackwardArgs& a, long long rows, int num_threads) {
+  const long long n = a.n, d = a.d, row0 = a.row_start;
+  const long long row_blocks = (rows + kBI - 1) / kBI;
   const long long total = row_blocks * a.m;
   const float* theta = reinterpret_cast<const float*>(a.theta);
   const float* logd = reinterpret_cast<const float*>(a.logd);
@@ -59,8 +59,9 @@ void run_host(const SupconBackwardArgs& a, int num_threads) {
     std::vector<supcon::RowStats> si(kBI), sj(kBJ);
     for (long long task = next++; task < total; task = next++) {
       const long long m = task / row_blocks;
-      const long long i0 = (task % row_blocks) * kBI;
-      const long long bi = std::min(kBI, n - i0);
+      const long long r0 = (task % row_blocks) * kBI;  // first output row of the block
+      const long long i0 = row0 + r0;                   // its row of z
+      const long long bi = std::min(kBI, rows - r0);
       load_block<T>(a, m, i0, bi, zi.data());
       for (long long r = 0; r < bi; ++r) si[r] = supcon::load_row(theta, logd, w, inv_npos, labels, m, i0 + r, n);
       std::fill(out.begin(), out.end(), 0.0);
@@ -84,7 +85,7 @@ void run_host(const SupconBackwardArgs& a, int num_threads) {
         }
       }
       for (long long r = 0; r < bi; ++r)
-        for (long long k = 0; k < d; ++k) grad[(m * n + i0 + r) * d + k] = static_cast<T>(out[r * d + k]);
+        for (long long k = 0; k < d; ++k) grad[(m * rows + r0 + r) * d + k] = static_cast<T>(out[r * d + k]);
     }
   };
 
@@ -103,9 +104,10 @@ void run_host(const SupconBackwardArgs& a, int num_threads) {
 
 void supcon_backward_host(const SupconBackwardArgs& args, int num_threads) {
   if (args.m < 0 || args.n < 0 || args.d < 0) throw std::invalid_argument("supcon_backward_host: negative size");
-  if (args.m == 0 || args.n == 0 || args.d == 0) return;
-  if (args.dtype == kFloat32) return run_host<float>(args, num_threads);
-  if (args.dtype == kFloat64) return run_host<double>(args, num_threads);
+  const long long rows = supcon_row_count(args, "supcon_backward_host");
+  if (args.m == 0 || rows == 0 || args.d == 0) return;
+  if (args.dtype == kFloat32) return run_host<float>(args, rows, num_threads);
+  if (args.dtype == kFloat64) return run_host<double>(args, rows, num_threads);
   throw std::invalid_argument("supcon_backward_host: z must be float32 or float64 (dtype code " +
                               std::to_string(args.dtype) + ")");
 }

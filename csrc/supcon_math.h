@@ -10,7 +10,10 @@
 // the selection (H_i) is not differentiated, so
 //   dL/ds_ij = G_ij = w_i * ( [j in H_i ∪ P_i] exp(s_ij/tau - log D_i) / tau - [j in P_i] / (|P_i| tau) )
 // with w_i = g / A for anchors with a positive (g: upstream gradient of this modality's loss) and
-// w_i = 0 otherwise. G_ii = 0 (i is neither its own positive nor a negative). Since s_ij depends
+// w_i = 0 otherwise. G_ii = 0 (i is neither its own positive nor a negative).
+// Ignored rows carry label < 0: they are neither anchors (w = 0, set by the caller) nor candidates
+// of any anchor (G_ij = 0 when label_j < 0), so they neither receive nor contribute gradient.
+// Since s_ij depends
 // on z'_i through both s_ij and s_ji,
 //   dL/dz'_i = sum_j (G_ij + G_ji) z'_j .
 // A_ij = G_ij + G_ji is symmetric and is computed per tile from s_ij and the per-row values
@@ -75,7 +78,7 @@ MCNCL_HD bool in_denominator(bool same_label, T s, T theta) {
 // G_ij for s = s_ij (index i = anchor, j = other). T is float on the GPU, float/double on the host.
 template <typename T>
 MCNCL_HD T g_coeff(T s, bool same_index, const RowStats& ri, int label_j, T inv_tau) {
-  if (same_index || ri.w == 0.f) return T(0);
+  if (same_index || ri.w == 0.f || label_j < 0) return T(0);
   const bool same = ri.label == label_j;
   T g = T(0);
   if (in_denominator<T>(same, s, static_cast<T>(ri.theta)))

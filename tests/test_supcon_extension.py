@@ -1,4 +1,4 @@
-"""mcncl_fast._C SupCon backward (csrc/supcon_*): host gradient, pointer API, nvcc build checks (issue #4)."""
+"""mcncl_fast._C SupCon backward (csrc/supcon_*): host gradient, pointer API, nvcc build checks."""
 import os
 import re
 import shutil
@@ -88,6 +88,126 @@ def _args(zn, labels, hard_ratio=0.3, temperature=0.07, g=None):
     theta, logd, _ = supcon_op.chunked_forward(zn.float(), labels, k, temperature)
     g = torch.ones(zn.shape[0]) if g is None else g
     return g, theta, logd, npos.float()
+
+
+def _raw_backward(zn, labels32, theta, logd, w, inv_npos, temperature=0.07, row_start=0, row_count=-1,
+                  device=False, w_scale=None):
+    """The binding called directly: labels32 may hold -1 (ignored rows); grad is [M, rows, D]."""
+    m_count, n, d = zn.shape
+    rows = max(0, n - row_start if row_count < 0 else row_count)
+    w_scale = w.abs().amax(dim=1).contiguous() if w_scale is None else w_scale
+    ts = [t.contiguous() for t in (labels32, theta.float(), logd.float(), w.float(), inv_npos.float(), w_scale)]
+    if device:
+        ts = [t.cuda() for t in ts]
+        zn = zn.cuda()
+        grad = torch.empty(m_count, rows, d, dtype=torch.float32, device="cuda")
+    else:
+        grad = torch.empty(m_count, rows, d, dtype=zn.dtype)
+    labels32, theta, logd, w, inv_npos, w_scale = ts
+    tail = (torch.cuda.current_stream().cuda_stream,) if device else (0,)
+    fn = _C.supcon_backward_cuda if device else _C.supcon_backward_host
+    fn(zn.data_ptr(), supcon_op.DTYPE_CODE[zn.dtype], m_count, n, d, *zn.stride(), labels32.data_ptr(),
+       theta.data_ptr(), logd.data_ptr(), w.data_ptr(), inv_npos.data_ptr(), w_scale.data_ptr(), 1.0 / temperature,
+       grad.data_ptr(), *tail, row_start, row_count)
+    return grad
+
+
+def _reference_grad_f64(zn, labels, g):
+    ref_z = zn.double().clone().requires_grad_(True)
+    ref = torch.stack([_reference_single_f64(ref_z[m], labels) for m in range(zn.shape[0])])
+    return torch.autograd.grad((ref * g.double()).sum(), ref_z)[0]
+
+
+def _per_row_f64(zn, labels, g, temperature=0.07, hard_ratio=0.3):
+    """theta, logd [M, N], w [M, N], 1/|P| [N], class ids [N] (int32) written out densely in float64, the
+    same definitions as _reference_single_f64 (theta: midpoint of t_i and the next lower negative)."""
+    zd = zn.double()
+    n = zd.shape[1]
+    same = labels[:, None] == labels[None, :]
+    pos = same & ~torch.eye(n, dtype=torch.bool)
+    k = reference_ops.hard_negative_counts(labels, hard_ratio)
+    sim = zd @ zd.transpose(1, 2)                                          # [M, N, N]
+    neg = sim.masked_fill(same, float("-inf")).sort(dim=2, descending=True).values
+    t = neg.gather(2, (k - 1).clamp(min=0)[None, :, None].expand(zd.shape[0], n, 1))[..., 0]
+    below = neg.gather(2, k.clamp(max=n - 1)[None, :, None].expand(zd.shape[0], n, 1))[..., 0]
+    below = torch.where((k < (~same).sum(dim=1))[None], below, torch.full_like(below, float("-inf")))
+    theta = torch.where(below == float("-inf"), below, 0.5 * (t + below))
+    theta = torch.where((k > 0)[None], theta, torch.full_like(theta, float("inf")))
+    den = pos[None] | (~same[None] & (sim >= t[..., None]))
+    logd = torch.logsumexp((sim / temperature).masked_fill(~den, float("-inf")), dim=2)
+    npos = pos.sum(dim=1)
+    has = npos > 0
+    w = torch.where(has[None], (g.double() / has.sum())[:, None], 0.0)
+    inv_npos = torch.where(has, 1.0 / npos.clamp(min=1), 0.0)
+    ids = torch.unique(labels, return_inverse=True)[1].to(torch.int32)
+    return theta.float(), torch.where(has[None], logd, 0.0).float(), w.float(), inv_npos.float(), ids
+
+
+def _ignored_problem(m_count=2, n=70, d=12, dtype=torch.float64, seed=3):
+    """A problem with ignored rows (label -1, w = 0, NaN per-row values) and its kept subset."""
+    gen = torch.Generator().manual_seed(seed)
+    zn = F.normalize(torch.randn(m_count, n, d, generator=gen, dtype=torch.float64), dim=-1).to(dtype)
+    labels = torch.randint(0, 4, (n,), generator=gen)
+    keep = torch.rand(n, generator=gen) > 0.3
+    g = torch.linspace(1.0, -1.5, m_count)
+    theta_k, logd_k, w_k, inv_npos_k, ids_k = _per_row_f64(zn[:, keep], labels[keep], g)
+    theta = torch.full((m_count, n), float("nan"))
+    logd = theta.clone()
+    inv_npos = torch.full((n,), float("nan"))
+    w = torch.zeros(m_count, n)
+    labels32 = torch.full((n,), -1, dtype=torch.int32)
+    theta[:, keep], logd[:, keep], w[:, keep], inv_npos[keep], labels32[keep] = theta_k, logd_k, w_k, inv_npos_k, ids_k
+    return zn, labels, keep, g, labels32, theta, logd, w, inv_npos
+
+
+def test_host_backward_ignored_rows_are_dropped():
+    """label -1 rows are neither anchors nor candidates: kept rows get the gradient of the problem
+    without them (float64 reference autograd), ignored rows get exactly zero."""
+    zn, labels, keep, g, labels32, theta, logd, w, inv_npos = _ignored_problem()
+    grad = _raw_backward(zn, labels32, theta, logd, w, inv_npos)
+    assert torch.equal(grad[:, ~keep], torch.zeros_like(grad[:, ~keep]))
+    ref = _reference_grad_f64(zn[:, keep], labels[keep], g)
+    assert ((grad[:, keep] - ref).norm() / ref.norm()).item() < 1e-6
+    # bit-identical to calling with the ignored rows removed (same column order, zeros skipped)
+    dropped = _raw_backward(zn[:, keep].contiguous(), labels32[keep], theta[:, keep], logd[:, keep], w[:, keep],
+                            inv_npos[keep])
+    assert torch.equal(grad[:, keep], dropped)
+
+
+@pytest.mark.parametrize("row_start,row_count", [(0, -1), (0, 40), (7, 30), (33, 7), (12, -1), (40, 0), (39, 1)])
+def test_host_backward_row_range(row_start, row_count):
+    """Rows [row_start, row_start + row_count) against all columns: the same rows of the full gradient."""
+    gen = torch.Generator().manual_seed(4)
+    zn = F.normalize(torch.randn(3, 40, 12, generator=gen, dtype=torch.float64), dim=-1)
+    labels = torch.randint(0, 4, (40,), generator=gen)
+    g = torch.tensor([1.0, -2.0, 0.5])
+    theta, logd, w, inv_npos, labels32 = _per_row_f64(zn, labels, g)
+    full = _raw_backward(zn, labels32, theta, logd, w, inv_npos)
+    part = _raw_backward(zn, labels32, theta, logd, w, inv_npos, row_start=row_start, row_count=row_count)
+    stop = 40 if row_count < 0 else row_start + row_count
+    assert part.shape == (3, stop - row_start, 12)
+    assert torch.equal(part, full[:, row_start:stop])
+    ref = _reference_grad_f64(zn, labels, g)[:, row_start:stop]
+    if ref.numel():
+        assert ((part - ref).norm() / ref.norm()).item() < 1e-6
+
+
+def test_host_backward_row_range_with_ignored_rows_and_strides():
+    zn, labels, keep, g, labels32, theta, logd, w, inv_npos = _ignored_problem(n=90, dtype=torch.float32)
+    strided = torch.stack([zn, torch.zeros_like(zn)], dim=-1)[..., 0]  # [M, N, D], element stride 2
+    full = _raw_backward(zn, labels32, theta, logd, w, inv_npos)
+    part = _raw_backward(strided, labels32, theta, logd, w, inv_npos, row_start=21, row_count=50)
+    assert torch.equal(part, full[:, 21:71])
+
+
+@pytest.mark.parametrize("row_start,row_count", [(-1, 3), (5, 100), (41, -1), (0, 41)])
+def test_host_backward_rejects_bad_row_range(row_start, row_count):
+    zn = F.normalize(torch.randn(1, 40, 4), dim=-1)
+    labels = torch.randint(0, 3, (40,))
+    theta, logd, w, inv_npos, labels32 = _per_row_f64(zn, labels, torch.ones(1))
+    with pytest.raises(ValueError, match="row range"):
+        _raw_backward(zn, labels32, theta, logd, w, inv_npos, row_start=row_start,
+                      row_count=row_count)
 
 
 @pytest.mark.parametrize("threads", [1, 2, 5])
