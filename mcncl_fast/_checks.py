@@ -124,7 +124,7 @@ def _check_attention(q, k, v, scale, lead):
         raise ValueError(f"scale: expected a positive finite number or None, got {scale!r}")
 
 
-def check_supcon_args(z, labels, temperature, hard_ratio):
+def check_supcon_args(z, labels, temperature, hard_ratio, ignore_index=-100, num_classes=None):
     check_tensor("z", z, ndim=(2, 3))
     n = z.shape[-2]
     if not isinstance(labels, torch.Tensor):
@@ -137,3 +137,19 @@ def check_supcon_args(z, labels, temperature, hard_ratio):
         raise ValueError(f"temperature: expected a positive finite number, got {temperature!r}")
     if not (isinstance(hard_ratio, (int, float)) and 0.0 < hard_ratio <= 1.0):
         raise ValueError(f"hard_ratio: expected a number in (0, 1], got {hard_ratio!r}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index: expected an int, got {ignore_index!r}")
+    if num_classes is None:
+        return
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes: expected a positive int or None, got {num_classes!r}")
+    if 0 <= ignore_index < num_classes:
+        raise ValueError(f"ignore_index: must lie outside the class ids [0, {num_classes}), got {ignore_index}")
+    # labels must be class ids or ignore_index: an assertion on the device (no host sync on CUDA,
+    # where a violation surfaces as a device-side assert; immediate on the CPU)
+    bad = ((labels < 0) | (labels >= num_classes)) & (labels != ignore_index)
+    message = f"labels: expected values in [0, {num_classes}) or ignore_index={ignore_index}"
+    try:
+        torch._assert_async(~bad.any(), message)
+    except RuntimeError:
+        raise ValueError(f"{message}, got out-of-range values {labels[bad][:5].tolist()}") from None

@@ -1,6 +1,7 @@
 """Shared test helpers: relative error, poisoning, devices, tolerances (DESIGN.md §6)."""
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -47,3 +48,31 @@ def kernel_devices():
     if torch.cuda.is_available():
         devices.append(pytest.param("cuda", marks=pytest.mark.gpu))
     return devices
+
+
+def supcon_by_loop(z, labels, temperature, hard_ratio, ignore_index=-100, normalize=True):
+    """DESIGN.md §4.3 anchor by anchor in float64 with Python lists: no masks, no sorting tricks.
+
+    Every s_ij is one float64 dot product of two rows, so exact duplicates give equal values; the
+    tie tolerance is applied as specified (2^-18 x the largest squared norm)."""
+    z = z.double()
+    if normalize:
+        z = z / z.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+    labels = labels.tolist()
+    rows = [i for i in range(len(labels)) if labels[i] != ignore_index]
+    delta = 2.0 ** -18 * max((float(z[i] @ z[i]) for i in rows), default=0.0)
+    losses = []
+    for i in rows:
+        positives = [j for j in rows if j != i and labels[j] == labels[i]]
+        negatives = [j for j in rows if labels[j] != labels[i]]
+        if not positives:
+            continue
+        sims = {j: float(z[i] @ z[j]) for j in rows}
+        hard = []
+        if negatives:
+            k = min(len(negatives), max(1, math.ceil(hard_ratio * len(negatives) - 1e-6)))
+            threshold = sorted((sims[j] for j in negatives), reverse=True)[k - 1]
+            hard = [j for j in negatives if sims[j] >= threshold - delta]
+        denominator = sum(math.exp(sims[j] / temperature) for j in hard + positives)
+        losses.append(-sum(sims[p] / temperature - math.log(denominator) for p in positives) / len(positives))
+    return sum(losses) / len(losses) if losses else 0.0

@@ -6,31 +6,10 @@ import torch
 import torch.nn.functional as F
 
 from mcncl_fast.reference import ops
+from tests.helpers import supcon_by_loop
 
 
 # ----------------------------------------------------------------- SupCon
-def supcon_by_loop(z, labels, temperature, hard_ratio):
-    """Eq. (26), anchor by anchor, with Python lists: no masks, no sorting tricks."""
-    z = F.normalize(z.double(), dim=-1, eps=1e-12)
-    n = len(labels)
-    labels = labels.tolist()
-    losses = []
-    for i in range(n):
-        positives = [j for j in range(n) if j != i and labels[j] == labels[i]]
-        negatives = [j for j in range(n) if labels[j] != labels[i]]
-        if not positives:
-            continue
-        sims = {j: float(z[i] @ z[j]) for j in range(n)}
-        hard = []
-        if negatives:
-            k = min(len(negatives), max(1, math.ceil(hard_ratio * len(negatives) - 1e-6)))
-            threshold = sorted((sims[j] for j in negatives), reverse=True)[k - 1]
-            hard = [j for j in negatives if sims[j] >= threshold]
-        denominator = sum(math.exp(sims[j] / temperature) for j in hard + positives)
-        losses.append(-sum(sims[p] / temperature - math.log(denominator) for p in positives) / len(positives))
-    return sum(losses) / len(losses) if losses else 0.0
-
-
 @pytest.mark.parametrize("n,classes,hard_ratio", [(12, 3, 0.3), (25, 5, 0.01), (9, 2, 1.0), (30, 7, 0.5)])
 def test_supcon_matches_per_anchor_loop(n, classes, hard_ratio):
     z = torch.randn(n, 6, dtype=torch.float64)
@@ -93,6 +72,55 @@ def test_hard_negative_counts():
     assert ops.hard_negative_counts(labels, 1.0).tolist() == [7, 7, 7, 8, 8, 5, 5, 5, 5, 5]
     assert ops.hard_negative_counts(labels, 0.01).tolist() == [1] * 10
     assert ops.hard_negative_counts(torch.zeros(4, dtype=torch.long), 0.3).tolist() == [0] * 4
+
+
+def test_label_statistics_with_ignored_rows_and_num_classes():
+    labels = torch.tensor([2, 0, -100, 2, 1, 0, -100, 2])
+    # valid rows: 6; class sizes 0: 2, 1: 1, 2: 3 -> negatives 4, 5, 3
+    for num_classes in (None, 3, 5):
+        stats = ops.label_statistics(labels, 0.3, num_classes=num_classes)
+        if num_classes is not None:
+            assert stats.class_ids.tolist() == [2, 0, -1, 2, 1, 0, -1, 2]
+        assert (stats.class_ids == -1).tolist() == (labels == -100).tolist()
+        assert stats.positives.tolist() == [2, 1, 0, 2, 0, 1, 0, 2]
+        assert stats.negatives.tolist() == [3, 4, 0, 3, 5, 4, 0, 3]
+        assert stats.k.tolist() == [1, 2, 0, 1, 2, 2, 0, 1]
+    # ignore_index=2: valid rows 0, -100, 1, 0, -100 -> classes of sizes 2, 2, 1: negatives 3, 3, 4
+    assert ops.hard_negative_counts(labels, 1.0, ignore_index=2).tolist() == [0, 3, 3, 0, 4, 3, 3, 0]
+
+
+def test_supcon_ignored_rows_equal_dropped_rows():
+    z = torch.randn(2, 30, 6, dtype=torch.float64)
+    labels = torch.randint(0, 4, (30,))
+    labels[[0, 7, 8, 29]] = -100
+    keep = labels != -100
+    za = z.clone().requires_grad_(True)
+    zb = z.clone().requires_grad_(True)
+    got = ops.supcon_hard_negative_loss(za, labels, 0.1, 0.3)
+    want = ops.supcon_hard_negative_loss(zb[:, keep], labels[keep], 0.1, 0.3)
+    torch.testing.assert_close(got, want)
+    got.sum().backward()
+    want.sum().backward()
+    torch.testing.assert_close(za.grad, zb.grad)
+    assert torch.equal(za.grad[:, ~keep], torch.zeros_like(za.grad[:, ~keep]))
+    torch.testing.assert_close(ops.supcon_hard_negative_loss(z, labels, 0.1, 0.3, num_classes=4), got.detach())
+    labels[3] = 4
+    with pytest.raises(ValueError, match="labels: expected values in"):
+        ops.supcon_hard_negative_loss(z, labels, num_classes=4)
+
+
+def test_supcon_tie_tolerance_is_applied_to_the_threshold():
+    """Anchor 0's negatives have s = 0.5 (the k = 1 threshold), 0.5 - 2^-20 (within the tolerance
+    2^-18: tied, hard), 0.5 - 2^-16 (beyond it: not hard) and 0.1: exact values (normalize=False)."""
+    sims = [0.5, 0.5 - 2.0 ** -20, 0.5 - 2.0 ** -16, 0.1]
+    z = torch.tensor([[1.0, 0.0], [1.0, 0.0]] + [[s, 0.5] for s in sims], dtype=torch.float64)
+    labels = torch.tensor([0, 0, 1, 2, 3, 4])
+    got = ops.supcon_hard_negative_loss(z, labels, 0.1, 0.01, normalize=False)
+    # anchors 0 and 1 (identical): D = exp(1/tau) + exp(s_0/tau) + exp(s_1/tau); log D - 1/tau
+    tau = 0.1
+    want = math.log(math.exp(1 / tau) + math.exp(sims[0] / tau) + math.exp(sims[1] / tau)) - 1 / tau
+    assert got.item() == pytest.approx(want, rel=1e-12)
+    assert got.item() == pytest.approx(supcon_by_loop(z, labels, tau, 0.01, normalize=False), rel=1e-12)
 
 
 # -------------------------------------------------------------- attention

@@ -6,7 +6,7 @@ must agree with these within the tolerances of DESIGN.md §6.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +15,7 @@ from .._autocast import matmul_class, reduction_class
 from .._checks import check_attention_args, check_attention_grouped_args, check_psa_args, check_supcon_args
 
 __all__ = ["psa", "psa_pool", "attention", "attention_grouped", "supcon_hard_negative_loss",
-           "hard_negative_counts"]
+           "hard_negative_counts", "label_statistics", "tie_tolerance", "TIE_TOLERANCE", "IGNORE_INDEX"]
 
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -91,37 +91,77 @@ def attention_grouped(q, k, v, key_padding_mask: Optional[torch.Tensor] = None, 
 
 
 # ---------------------------------------------------------------------- SupCon
-def hard_negative_counts(labels: torch.Tensor, hard_ratio: float) -> torch.Tensor:
-    """k_i of DESIGN.md §4.3 for every anchor: int64 [N] on labels' device.
-
-    k_i depends only on the anchor's class, so it is computed once per class.
-    Shared by the reference and the fast implementations.
-    """
-    n = labels.numel()
-    _, inverse, class_sizes = torch.unique(labels, return_inverse=True, return_counts=True)
-    counts = []
-    for size in class_sizes.tolist():
-        negatives = n - size
-        k = min(negatives, max(1, math.ceil(hard_ratio * negatives - 1e-6))) if negatives > 0 else 0
-        counts.append(k)
-    per_class = torch.tensor(counts, dtype=torch.int64, device=labels.device)
-    return per_class[inverse.reshape(-1)]
+# Tie tolerance of the hard-negative selection, relative to the largest squared norm of the rows
+# (the bound of |s_ij|): 2^-18 for unit vectors, far above the few-ulp differences between two
+# implementations' summation orders, far below any meaningful gap between similarities.
+TIE_TOLERANCE = 2.0 ** -18
+IGNORE_INDEX = -100
 
 
-def _supcon_single(z, labels, temperature, hard_ratio, normalize):
+class LabelStats(NamedTuple):
+    """Per-row label statistics of the SupCon op, int64 [N] on labels' device."""
+    class_ids: torch.Tensor   # dense class id, -1 for ignored rows
+    k: torch.Tensor           # k_i, the number of hard negatives (0 for ignored rows / no negatives)
+    positives: torch.Tensor   # |P_i|
+    negatives: torch.Tensor   # |Neg_i|
+
+
+def label_statistics(labels: torch.Tensor, hard_ratio: float, ignore_index: int = IGNORE_INDEX,
+                     num_classes: Optional[int] = None) -> LabelStats:
+    """Class ids, k_i, |P_i| and |Neg_i| of every row (rows labelled `ignore_index` are neither anchors
+    nor candidates). With `num_classes` (labels in [0, num_classes) or ignore_index) everything stays
+    on the device: no host-device synchronisation. Shared by the reference and the fast ops."""
+    labels = labels.reshape(-1).long()
+    valid = labels != ignore_index
+    if num_classes is None:
+        classes, inverse = torch.unique(torch.where(valid, labels, ignore_index), return_inverse=True)
+        num_classes = classes.numel()
+    else:
+        inverse = labels.clamp(0, max(num_classes - 1, 0))
+    ids = torch.where(valid, inverse, -1)
+    sizes = torch.zeros(max(num_classes, 1), dtype=torch.int64, device=labels.device)
+    sizes.index_add_(0, ids.clamp(min=0), valid.long())
+    class_negatives = valid.sum() - sizes
+    # k = min(n, max(1, ceil(r * n - 1e-6))) for n > 0, in float64 as Python's math.ceil would
+    k_class = torch.ceil(hard_ratio * class_negatives.double() - 1e-6).long().clamp(min=1)
+    k_class = torch.where(class_negatives > 0, torch.minimum(k_class, class_negatives), 0)
+    row_class = ids.clamp(min=0)
+    zero = torch.zeros_like(ids)
+    return LabelStats(ids, torch.where(valid, k_class[row_class], zero),
+                      torch.where(valid, sizes[row_class] - 1, zero),
+                      torch.where(valid, class_negatives[row_class], zero))
+
+
+def hard_negative_counts(labels: torch.Tensor, hard_ratio: float, ignore_index: int = IGNORE_INDEX,
+                         num_classes: Optional[int] = None) -> torch.Tensor:
+    """k_i of every anchor: int64 [N] on labels' device (0 for ignored rows). k_i depends only on the
+    anchor's class, so it is computed once per class."""
+    return label_statistics(labels, hard_ratio, ignore_index, num_classes).k
+
+
+def tie_tolerance(z: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """delta = TIE_TOLERANCE * max ||z_i||^2 over the valid rows: [..., N, D] -> [...] (not differentiated)."""
+    with torch.no_grad():
+        sq = (z * z).sum(dim=-1).masked_fill(~valid, 0.0)
+        return TIE_TOLERANCE * sq.amax(dim=-1) if sq.shape[-1] else sq.sum(dim=-1)
+
+
+def _supcon_single(z, stats: LabelStats, temperature, normalize):
     z = z.to(_accumulation_dtype(z.dtype))
     if normalize:
         z = F.normalize(z, dim=-1, eps=1e-12)
     n = z.shape[0]
+    ids, k = stats.class_ids, stats.k
+    valid = ids >= 0
     sim = z @ z.T                                                          # [N, N]
-    same = labels[:, None] == labels[None, :]
-    positive = same & ~torch.eye(n, dtype=torch.bool, device=z.device)
-    negative = ~same
-    k = hard_negative_counts(labels, hard_ratio)
-    # threshold t_i: the k_i-th largest negative similarity (selection is not differentiated)
+    same = ids[:, None] == ids[None, :]
+    positive = same & valid[:, None] & ~torch.eye(n, dtype=torch.bool, device=z.device)
+    negative = ~same & valid[:, None] & valid[None, :]
+    # threshold t_i: the k_i-th largest negative similarity (selection is not differentiated);
+    # negatives within the tie tolerance below t_i count as tied with it
     with torch.no_grad():
         ranked = sim.masked_fill(~negative, float("-inf")).sort(dim=1, descending=True).values
-        threshold = ranked.gather(1, (k - 1).clamp(min=0)[:, None])
+        threshold = ranked.gather(1, (k - 1).clamp(min=0)[:, None]) - tie_tolerance(z, valid)
     hard = negative & (sim >= threshold) & (k > 0)[:, None]
     logits = sim / temperature
     n_pos = positive.sum(dim=1)
@@ -131,21 +171,21 @@ def _supcon_single(z, labels, temperature, hard_ratio, normalize):
     log_denominator = torch.logsumexp(logits.masked_fill(~in_denominator, float("-inf")), dim=1)
     pos_logit_sum = (logits * positive).sum(dim=1)
     per_anchor = -(pos_logit_sum - n_pos * log_denominator) / n_pos.clamp(min=1)
-    if not bool(has_pos.any()):
-        return (sim * 0.0).sum()
-    return per_anchor[has_pos].mean()
+    # mean over anchors with a positive; 0 (with a zero gradient) when there is none
+    return torch.where(has_pos, per_anchor, 0.0).sum() / has_pos.sum().clamp(min=1)
 
 
 @reduction_class
 def supcon_hard_negative_loss(z, labels, temperature: float = 0.07, hard_ratio: float = 0.3,
-                              normalize: bool = True):
+                              normalize: bool = True, ignore_index: int = IGNORE_INDEX,
+                              num_classes: Optional[int] = None):
     """Supervised contrastive loss over the hardest negatives (paper eq. 26).
 
-    z: [N, D] -> scalar, or [M, N, D] -> [M] (M modalities sharing labels). Loss in float32
-    (float64 for float64 inputs).
+    z: [N, D] -> scalar, or [M, N, D] -> [M] (M modalities sharing labels). Rows labelled
+    `ignore_index` are neither anchors nor candidates. Loss in float32 (float64 for float64 inputs).
     """
-    check_supcon_args(z, labels, temperature, hard_ratio)
-    labels = labels.long()
+    check_supcon_args(z, labels, temperature, hard_ratio, ignore_index, num_classes)
+    stats = label_statistics(labels, hard_ratio, ignore_index, num_classes)
     if z.dim() == 2:
-        return _supcon_single(z, labels, temperature, hard_ratio, normalize)
-    return torch.stack([_supcon_single(zm, labels, temperature, hard_ratio, normalize) for zm in z])
+        return _supcon_single(z, stats, temperature, normalize)
+    return torch.stack([_supcon_single(zm, stats, temperature, normalize) for zm in z])
