@@ -41,7 +41,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _worker(rank, world, port, out_dir):
+def _worker(rank, world, port, out_dir, sharded):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
@@ -53,8 +53,11 @@ def _worker(rank, world, port, out_dir):
         ddp = torch.nn.parallel.DistributedDataParallel(model)
         batch = collate_dialogues(_dialogues()[rank::world])
         out = ddp(batch["text"], batch["audio"], batch["visual"], batch["utterance_mask"], batch["frame_mask"])
+        # the reference op: every rank computes the whole gathered batch; the fast op (default):
+        # each rank computes its own anchors only (sharded SupCon)
+        supcon = None if sharded else model.ops.supcon_hard_negative_loss
         losses = global_batch_loss(out.logits, out.features, batch["labels"], batch["utterance_mask"], model.config,
-                                   supcon=model.ops.supcon_hard_negative_loss)   # as train.py does
+                                   supcon=supcon)
         losses["loss"].backward()
         torch.save({"gathered": y.detach(), "x_grad": x.grad, "loss": losses["loss"].detach(),
                     "ce": losses["ce_loss"].detach(), "contrastive": losses["contrastive_loss"].detach(),
@@ -75,8 +78,9 @@ def test_global_batch_loss_single_process_matches_model_loss():
     assert rel_error(ours["contrastive_loss"], out.contrastive_loss) < 1e-6
 
 
-def test_two_process_loss_and_gradients_equal_concatenated_batch(tmp_path):
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+@pytest.mark.parametrize("sharded", [False, True], ids=["reference-supcon", "sharded-supcon"])
+def test_two_process_loss_and_gradients_equal_concatenated_batch(tmp_path, sharded):
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), sharded), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     # reference: one process, the whole batch, the model's own loss (DESIGN.md §3)
     model = _model()

@@ -231,20 +231,24 @@ def mcncl_loss(cfg: ModelConfig, logits, projections, labels, utterance_mask, su
 
     projections: {"t", "a", "v"} -> [B, S, P]; supcon: the SupCon op to use. `gather_rows(x,
     with_grad)` concatenates every process's rows (autograd-aware): with it the loss is that of the
-    global batch under data parallelism (mcncl_fast.distributed). Returns loss, ce_loss,
+    global batch under data parallelism (mcncl_fast.distributed); a `supcon` with the attribute
+    `gathers_rows` gets this process's rows and gathers what it needs itself. Returns loss, ce_loss,
     contrastive_loss [3] and num_utterances.
     """
     valid_labels = labels[utterance_mask]
     # sum / count rather than mean: a batch with no valid utterance gives 0, not NaN
     ce_sum = F.cross_entropy(logits[utterance_mask].float(), valid_labels, reduction="sum")
     z = torch.stack([projections[m][utterance_mask] for m in MODALITIES])       # [3, N, P]
+    gathers = getattr(supcon, "gathers_rows", False)   # such an op gathers what it needs itself
+    local_labels = valid_labels
     if gather_rows is not None:
-        z = gather_rows(z.float().transpose(0, 1).contiguous(), with_grad=True).transpose(0, 1)
+        if not gathers:
+            z = gather_rows(z.float().transpose(0, 1).contiguous(), with_grad=True).transpose(0, 1)
         valid_labels = gather_rows(valid_labels, with_grad=False)
         ce_sum = gather_rows(ce_sum.reshape(1), with_grad=True).sum()
     count = valid_labels.numel()
     ce = ce_sum / max(count, 1)
-    contrastive = supcon(z, valid_labels, cfg.temperature, cfg.hard_ratio)
+    contrastive = supcon(z, local_labels if gathers else valid_labels, cfg.temperature, cfg.hard_ratio)
     weights = torch.tensor([cfg.alpha, cfg.beta, cfg.gamma], device=contrastive.device)
     return {"loss": ce + (weights * contrastive).sum(), "ce_loss": ce, "contrastive_loss": contrastive,
             "num_utterances": count}
