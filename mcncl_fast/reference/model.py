@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import ops as reference_ops
+from .ops import IGNORE_INDEX
 
 MODALITIES = ("t", "a", "v")
 PARTNERS = {"t": ("a", "v"), "a": ("t", "v"), "v": ("t", "a")}
@@ -229,26 +230,31 @@ class Model(nn.Module):
 def mcncl_loss(cfg: ModelConfig, logits, projections, labels, utterance_mask, supcon, gather_rows=None):
     """CE + α·L_t + β·L_a + γ·L_v over the valid utterances (DESIGN.md §3).
 
-    projections: {"t", "a", "v"} -> [B, S, P]; supcon: the SupCon op to use. `gather_rows(x,
-    with_grad)` concatenates every process's rows (autograd-aware): with it the loss is that of the
-    global batch under data parallelism (mcncl_fast.distributed); a `supcon` with the attribute
-    `gathers_rows` gets this process's rows and gathers what it needs itself. Returns loss, ce_loss,
-    contrastive_loss [3] and num_utterances.
+    Padded utterances stay in place with the ignore label (CE's and the SupCon op's ignore_index):
+    static shapes, no boolean-mask gather, no host sync. projections: {"t", "a", "v"} -> [B, S, P];
+    supcon: the SupCon op to use. `gather_rows(x, with_grad)` concatenates every process's rows
+    (autograd-aware): with it the loss is that of the global batch under data parallelism
+    (mcncl_fast.distributed); a `supcon` with the attribute `gathers_rows` gets this process's rows
+    and gathers what it needs itself. Returns loss, ce_loss, contrastive_loss [3] and num_utterances
+    (a 0-d tensor).
     """
-    valid_labels = labels[utterance_mask]
+    targets = torch.where(utterance_mask, labels, IGNORE_INDEX).reshape(-1)
     # sum / count rather than mean: a batch with no valid utterance gives 0, not NaN
-    ce_sum = F.cross_entropy(logits[utterance_mask].float(), valid_labels, reduction="sum")
-    z = torch.stack([projections[m][utterance_mask] for m in MODALITIES])       # [3, N, P]
+    ce_sum = F.cross_entropy(logits.reshape(targets.numel(), -1).float(), targets, ignore_index=IGNORE_INDEX,
+                             reduction="sum")
+    count = utterance_mask.sum()
+    z = torch.stack([projections[m].reshape(targets.numel(), -1) for m in MODALITIES])   # [3, B·S, P]
     gathers = getattr(supcon, "gathers_rows", False)   # such an op gathers what it needs itself
-    local_labels = valid_labels
+    local_targets = targets
     if gather_rows is not None:
         if not gathers:
             z = gather_rows(z.float().transpose(0, 1).contiguous(), with_grad=True).transpose(0, 1)
-        valid_labels = gather_rows(valid_labels, with_grad=False)
+        targets = gather_rows(targets, with_grad=False)
         ce_sum = gather_rows(ce_sum.reshape(1), with_grad=True).sum()
-    count = valid_labels.numel()
-    ce = ce_sum / max(count, 1)
-    contrastive = supcon(z, local_labels if gathers else valid_labels, cfg.temperature, cfg.hard_ratio)
+        count = gather_rows(count.reshape(1), with_grad=False).sum()
+    ce = ce_sum / count.clamp(min=1)
+    contrastive = supcon(z, local_targets if gathers else targets, cfg.temperature, cfg.hard_ratio,
+                         ignore_index=IGNORE_INDEX, num_classes=cfg.num_classes)
     weights = torch.tensor([cfg.alpha, cfg.beta, cfg.gamma], device=contrastive.device)
     return {"loss": ce + (weights * contrastive).sum(), "ce_loss": ce, "contrastive_loss": contrastive,
             "num_utterances": count}
