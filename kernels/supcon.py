@@ -88,6 +88,14 @@ def _key(s):
 
 
 @triton.jit
+def _from_key(key):
+    """float32 value of an order-preserving key (inverse of _key; +0.0 for the key of 0)."""
+    top = tl.full(key.shape, 1, tl.uint32) << 31
+    bits = tl.where((key >> 31) != 0, key & ~top, ~key)
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _sim_tile(z_m, r0, c0, N, D, stride_n, stride_d, BM: tl.constexpr, BN: tl.constexpr,
               BK: tl.constexpr):
     """S[BM, BN] = Z[r0:r0+BM] Z[c0:c0+BN]^T in float32: the one place similarities are computed
@@ -111,7 +119,8 @@ def _sim_tile(z_m, r0, c0, N, D, stride_n, stride_d, BM: tl.constexpr, BN: tl.co
 
 @triton.jit
 def _masks(rows, cols, lab_i, lab_j, N):
-    valid = (rows[:, None] < N) & (cols[None, :] < N)
+    """Negatives and positives of anchors `rows` among `cols`; label -1 rows are neither."""
+    valid = (rows[:, None] < N) & (cols[None, :] < N) & (lab_i[:, None] >= 0) & (lab_j[None, :] >= 0)
     same = lab_i[:, None] == lab_j[None, :]
     neg = valid & (same == 0)
     pos = valid & same & (rows[:, None] != cols[None, :])
@@ -120,17 +129,20 @@ def _masks(rows, cols, lab_i, lab_j, N):
 
 @triton.autotune(configs=CONFIGS, key=["D"], prune_configs_by={"early_config_prune": _prune})
 @triton.jit
-def supcon_forward_kernel(z_ptr, labels_ptr, k_ptr, nneg_ptr, theta_ptr, logd_ptr, possum_ptr, passes_ptr,
-                          N, D, stride_m, stride_n, stride_d, inv_tau, passes_stride,
-                          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+def supcon_forward_kernel(z_ptr, labels_ptr, k_ptr, nneg_ptr, delta_ptr, theta_ptr, logd_ptr, possum_ptr,
+                          passes_ptr, N, D, row_start, row_count, stride_m, stride_n, stride_d, inv_tau,
+                          passes_stride, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     pid = tl.program_id(0)
     m = tl.program_id(1)
     z_m = z_ptr + m.to(tl.int64) * stride_m
-    rows = pid * BM + tl.arange(0, BM)
-    rmask = rows < N
-    lab_i = tl.load(labels_ptr + rows, mask=rmask, other=0)
+    r0 = row_start + pid * BM
+    rows = r0 + tl.arange(0, BM)
+    rmask = rows < row_start + row_count
+    lab_i = tl.load(labels_ptr + rows, mask=rmask, other=-1)
     k_i = tl.load(k_ptr + rows, mask=rmask, other=0)
+    k_i = tl.where(lab_i >= 0, k_i, 0)
     nneg = tl.load(nneg_ptr + rows, mask=rmask, other=0)   # number of negatives of each anchor
+    delta = tl.load(delta_ptr + m)
 
     # ---- pass 1: initial bracket (min / max negative key), positives, row max
     # keys below 2^31 are negative values, keys >= 2^31 are >= +0.0: the bracket starts on the
@@ -144,8 +156,8 @@ def supcon_forward_kernel(z_ptr, labels_ptr, k_ptr, nneg_ptr, theta_ptr, logd_pt
     rowmax = tl.full((BM,), float("-inf"), tl.float32)
     for j0 in range(0, N, BN):
         cols = j0 + tl.arange(0, BN)
-        lab_j = tl.load(labels_ptr + cols, mask=cols < N, other=0)
-        s = _sim_tile(z_m, pid * BM, j0, N, D, stride_n, stride_d, BM, BN, BK)
+        lab_j = tl.load(labels_ptr + cols, mask=cols < N, other=-1)
+        s = _sim_tile(z_m, r0, j0, N, D, stride_n, stride_d, BM, BN, BK)
         neg, pos = _masks(rows, cols, lab_i, lab_j, N)
         key = _key(s)
         maxkey = tl.maximum(maxkey, tl.max(tl.where(neg, key, tl.zeros((BM, BN), tl.uint32)), axis=1))
@@ -157,6 +169,7 @@ def supcon_forward_kernel(z_ptr, labels_ptr, k_ptr, nneg_ptr, theta_ptr, logd_pt
                                                    axis=1))
         possum += tl.sum(tl.where(pos, s, 0.0), axis=1)
         rowmax = tl.maximum(rowmax, tl.max(tl.where(neg | pos, s, float("-inf")), axis=1))
+    npass = 1
 
     # ---- passes 2..: 16-bin histogram narrowing of [lo, hi] in key space
     t_above0 = n_above0 >= k_i       # t_i >= 0: bracket [min key >= +0, max key], else [0, max key < 0]
@@ -166,7 +179,7 @@ def supcon_forward_kernel(z_ptr, labels_ptr, k_ptr, nneg_ptr, theta_ptr, logd_pt
     done = (k_i <= 0) | (c_lo == k_i) | (lo == hi)
     bins = tl.arange(0, 16)
     field = (tl.where(bins < 8, bins, bins - 8) * 8).to(tl.uint64)
-    npass = 0
+    nhist = 0
     remaining = tl.sum((done == 0).to(tl.int32), axis=0)
     while remaining > 0:
         width = hi - lo
@@ -176,8 +189,8 @@ def supcon_forward_kernel(z_ptr, labels_ptr, k_ptr, nneg_ptr, theta_ptr, logd_pt
         hist = tl.zeros((BM, 16), tl.int32)
         for j0 in range(0, N, BN):
             cols = j0 + tl.arange(0, BN)
-            lab_j = tl.load(labels_ptr + cols, mask=cols < N, other=0)
-            s = _sim_tile(z_m, pid * BM, j0, N, D, stride_n, stride_d, BM, BN, BK)
+            lab_j = tl.load(labels_ptr + cols, mask=cols < N, other=-1)
+            s = _sim_tile(z_m, r0, j0, N, D, stride_n, stride_d, BM, BN, BK)
             neg, pos = _masks(rows, cols, lab_i, lab_j, N)
             key = _key(s)
             inside = neg & (done[:, None] == 0) & (key >= lo[:, None]) & (key <= hi[:, None])
@@ -202,60 +215,83 @@ def supcon_forward_kernel(z_ptr, labels_ptr, k_ptr, nneg_ptr, theta_ptr, logd_pt
         hi = tl.where(done, hi, new_hi64.to(tl.uint32))
         c_lo = tl.where(done, c_lo, new_c_lo)
         done = done | (c_lo == k_i) | (lo == hi)
-        npass += 1
+        nhist += 1
         # at most 8 passes: each one removes 4 bits of the bracket width (guard, never reached)
-        remaining = tl.sum((done == 0).to(tl.int32), axis=0) * (npass < 8).to(tl.int32)
+        remaining = tl.sum((done == 0).to(tl.int32), axis=0) * (nhist < 8).to(tl.int32)
+    npass += nhist
 
-    # ---- last pass: denominator over positives and hard negatives (key >= lo)
-    scale = inv_tau * 1.4426950408889634
-    sumexp = tl.zeros((BM,), tl.float32)
-    t_hard = tl.full((BM,), float("inf"), tl.float32)      # smallest hard negative = t_i
-    t_below = tl.full((BM,), float("-inf"), tl.float32)    # largest negative below t_i
+    # ---- t pass (only where some row ended with count(key >= lo) == k and lo < hi): t_i is the
+    # smallest negative with key >= lo; where lo == hi, lo is t_i's key
     has_k = k_i > 0
+    t = _from_key(lo)
+    if tl.sum((has_k & (lo != hi)).to(tl.int32), axis=0) > 0:
+        t_min = tl.full((BM,), float("inf"), tl.float32)
+        for j0 in range(0, N, BN):
+            cols = j0 + tl.arange(0, BN)
+            lab_j = tl.load(labels_ptr + cols, mask=cols < N, other=-1)
+            s = _sim_tile(z_m, r0, j0, N, D, stride_n, stride_d, BM, BN, BK)
+            neg, pos = _masks(rows, cols, lab_i, lab_j, N)
+            t_min = tl.minimum(t_min, tl.min(tl.where(neg & (_key(s) >= lo[:, None]), s, float("inf")), axis=1))
+        t = tl.where(lo != hi, t_min, t)
+        npass += 1
+
+    # ---- last pass: denominator over positives and hard negatives (s >= t_i - delta)
+    scale = inv_tau * 1.4426950408889634
+    thr = tl.where(has_k, t - delta, float("inf"))
+    sumexp = tl.zeros((BM,), tl.float32)
+    t_hard = tl.full((BM,), float("inf"), tl.float32)      # smallest hard negative
+    t_below = tl.full((BM,), float("-inf"), tl.float32)    # largest other negative
     for j0 in range(0, N, BN):
         cols = j0 + tl.arange(0, BN)
-        lab_j = tl.load(labels_ptr + cols, mask=cols < N, other=0)
-        s = _sim_tile(z_m, pid * BM, j0, N, D, stride_n, stride_d, BM, BN, BK)
+        lab_j = tl.load(labels_ptr + cols, mask=cols < N, other=-1)
+        s = _sim_tile(z_m, r0, j0, N, D, stride_n, stride_d, BM, BN, BK)
         neg, pos = _masks(rows, cols, lab_i, lab_j, N)
-        key = _key(s)
-        hard = neg & has_k[:, None] & (key >= lo[:, None])
+        hard = neg & (s >= thr[:, None])
         den = hard | pos
         sumexp += tl.sum(tl.where(den, tl.exp2((s - rowmax[:, None]) * scale), 0.0), axis=1)
         t_hard = tl.minimum(t_hard, tl.min(tl.where(hard, s, float("inf")), axis=1))
         t_below = tl.maximum(t_below, tl.max(tl.where(neg & (hard == 0), s, float("-inf")), axis=1))
+    npass += 1
     logd = tl.where(sumexp > 0, rowmax * inv_tau + tl.log(tl.where(sumexp > 0, sumexp, 1.0)), 0.0)
     mid = 0.5 * tl.minimum(t_hard, 3.0e38) + 0.5 * tl.maximum(t_below, -3.0e38)
     mid = tl.where((mid > t_below) & (mid <= t_hard), mid, t_hard)
     theta = tl.where(has_k, tl.where(t_below == float("-inf"), float("-inf"), mid), float("inf"))
-    out = m.to(tl.int64) * N + rows
+    out = m.to(tl.int64) * row_count + (rows - row_start)
     tl.store(theta_ptr + out, theta, mask=rmask)
     tl.store(logd_ptr + out, logd, mask=rmask)
     tl.store(possum_ptr + out, possum, mask=rmask)
     tl.store(passes_ptr + m * passes_stride + pid, npass)
 
 
-def supcon_forward(z: torch.Tensor, labels: torch.Tensor, k: torch.Tensor, temperature: float, nneg=None,
-                   out=None):
-    """z [M, N, D] (float32/float16/bfloat16, any strides), labels/k/nneg int32 [N] (nneg: number of
-    negatives of each anchor, computed from labels when None).
+def supcon_forward(z: torch.Tensor, labels: torch.Tensor, k: torch.Tensor, nneg: torch.Tensor,
+                   delta: torch.Tensor, temperature: float, row_start: int = 0, row_count=None, out=None):
+    """Forward of anchors [row_start, row_start + row_count) of z [M, N, D] against all N rows.
 
-    Returns (theta, logd, possum, passes): float32 [M, N] x 3 and int32 [M, cdiv(N, 16)] (histogram
-    passes per program; unused slots stay 0). `out` = preallocated (theta, logd, possum) buffers.
+    z: float32 / float16 / bfloat16, any strides. labels: int32 [N] class ids >= 0, or -1 for an
+    ignored row (neither anchor nor candidate). k, nneg: int32 [N], the number of hard negatives
+    and of negatives of each anchor (0 for ignored rows). delta: float32 [M], the tie tolerance of
+    each modality (a negative is hard iff s >= t_i - delta_m, evaluated in float32).
+    Returns (theta, logd, possum, passes): float32 [M, row_count] x 3 (`out` = preallocated buffers
+    for them) and int32 [M, programs]: the passes over the similarity tiles each program made.
     """
     m, n, d = z.shape
+    row_count = n - row_start if row_count is None else row_count
+    if not (0 <= row_start and 0 <= row_count and row_start + row_count <= n):
+        raise ValueError(f"row range [{row_start}, {row_start} + {row_count}) outside [0, {n})")
     if out is None:
-        out = tuple(torch.empty(m, n, device=z.device, dtype=torch.float32) for _ in range(3))
+        out = tuple(torch.empty(m, row_count, device=z.device, dtype=torch.float32) for _ in range(3))
     theta, logd, possum = out
-    passes = torch.zeros(m, triton.cdiv(n, 16), device=z.device, dtype=torch.int32)
-    if n == 0 or m == 0:
+    min_bm = min(c.kwargs["BM"] for c in configs_for(z.dtype))
+    passes = torch.zeros(m, triton.cdiv(row_count, min_bm), device=z.device, dtype=torch.int32)
+    if row_count == 0 or m == 0:
         return theta, logd, possum, passes
 
     def grid(meta):
-        return (triton.cdiv(n, meta["BM"]), m)
+        return (triton.cdiv(row_count, meta["BM"]), m)
 
-    if nneg is None:
-        _, inverse, counts = torch.unique(labels, return_inverse=True, return_counts=True)
-        nneg = (n - counts[inverse]).to(torch.int32)
-    supcon_forward_kernel[grid](z, labels, k, nneg.contiguous(), theta, logd, possum, passes, n, d, z.stride(0), z.stride(1),
-                                z.stride(2), 1.0 / temperature, passes.stride(0), BK=block_k(d, z.dtype))
-    return theta, logd, possum, passes
+    supcon_forward_kernel[grid](z, labels.contiguous(), k.contiguous(), nneg.contiguous(), delta.contiguous(),
+                                theta, logd, possum, passes, n, d, row_start, row_count, z.stride(0),
+                                z.stride(1), z.stride(2), 1.0 / temperature, passes.stride(0),
+                                BK=block_k(d, z.dtype))
+    bm = (supcon_forward_kernel.best_config or configs_for(z.dtype)[0]).kwargs["BM"]
+    return theta, logd, possum, passes[:, :triton.cdiv(row_count, bm)]

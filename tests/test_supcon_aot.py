@@ -29,9 +29,10 @@ SCRIPT = textwrap.dedent("""
     from tests.aot import POINTER, TARGETS, compile_for_targets, config_options
 
     assert not kernel.INTERPRET
-    SIGNATURE = {"labels_ptr": "*i32", "k_ptr": "*i32", "nneg_ptr": "*i32", "theta_ptr": "*fp32",
-                 "logd_ptr": "*fp32", "possum_ptr": "*fp32", "passes_ptr": "*i32", "N": "i32", "D": "i32",
-                 "stride_m": "i32", "stride_n": "i32", "stride_d": "i32", "inv_tau": "fp32", "passes_stride": "i32"}
+    SIGNATURE = {"labels_ptr": "*i32", "k_ptr": "*i32", "nneg_ptr": "*i32", "delta_ptr": "*fp32",
+                 "theta_ptr": "*fp32", "logd_ptr": "*fp32", "possum_ptr": "*fp32", "passes_ptr": "*i32",
+                 "N": "i32", "D": "i32", "row_start": "i32", "row_count": "i32", "stride_m": "i32",
+                 "stride_n": "i32", "stride_d": "i32", "inv_tau": "fp32", "passes_stride": "i32"}
 
     def ptxas_log(compiled, capability):
         try:
