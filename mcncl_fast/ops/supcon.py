@@ -100,6 +100,7 @@ def forward_rows(z: torch.Tensor, stats, temperature: float, row_start: int = 0,
                  row_count: Optional[int] = None):
     """theta, logd, possum (float32 [M, R]) of anchor rows [row_start, row_start + R) of z' [M, N, D]
     against all N rows; `stats` = label_statistics(...) of the N rows."""
+    row_start, row_count = _row_range(z.shape[1], row_start, row_count)
     valid = stats.class_ids >= 0
     if use_triton(z):
         from mcncl_fast.kernels.supcon import supcon_forward as triton_forward
