@@ -1,6 +1,7 @@
 // pybind11 bindings of mcncl_fast._C. Pointer API (DESIGN.md §2): Python passes
 // data pointers, sizes and the CUDA stream; nothing here links against libtorch.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include "cuda_api.h"
 #include "supcon_api.h"
@@ -64,4 +65,6 @@ PYBIND11_MODULE(_C, m) {
       py::arg("row_start") = 0, py::arg("row_count") = -1,
       "dL/dz' of the hard-negative SupCon loss on CUDA (float32/float16/bfloat16 z, float32 grad), async on\n"
       "stream. Row range, grad layout and ignored rows as supcon_backward_host.");
+  m.def("supcon_layout_check", [] { return mcncl::supcon_layout_check(); },
+        "Errors found in the CUDA kernels' tile schedule / fragment-layout helpers, checked on the host");
 }

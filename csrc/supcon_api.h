@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 namespace mcncl {
 
@@ -44,6 +45,11 @@ inline long long supcon_row_count(const SupconBackwardArgs& a, const char* who) 
 void supcon_backward_host(const SupconBackwardArgs& args, int num_threads);
 
 // CUDA implementation (float32 / float16 / bfloat16 z) on the given cudaStream_t (as an integer).
+// 16-byte cp.async staging when z has unit stride along D, D is a multiple of 16 bytes' worth of
+// elements and the rows are 16-byte aligned; any other layout takes a scalar-load path (same kernels).
 void supcon_backward_cuda(const SupconBackwardArgs& args, std::uintptr_t stream);
+
+// Host check of the tile schedule and fragment-layout helpers the CUDA kernels use (empty: all good).
+std::vector<std::string> supcon_layout_check();
 
 }  // namespace mcncl

@@ -1,5 +1,7 @@
 // Host (CPU) implementation of the hard-negative SupCon backward: the same tiled algorithm as the
-// CUDA kernel (supcon_cuda.cu) on top of the same per-element math (supcon_math.h).
+// CUDA kernels (supcon_mma.cu, supcon_simt.cu) on top of the same per-element math (supcon_math.h):
+// RowCoef constants, candidate bias (NaN for ignored columns), explicit zero diagonal, zero rows for
+// ignored anchors.
 //   for every modality m and row block I of the anchor-row range (threads pull blocks from a counter):
 //     for every column block J: S = Z_I Z_J^T (recomputed), A = G_IJ + G_JI^T, dZ_I += A Z_J
 // Coefficients and dZ are accumulated in double (s in the input precision).
@@ -36,7 +38,7 @@ void load_block(const SupconBackwardArgs& a, long long m, long long row0, long l
   const T* z = reinterpret_cast<const T*>(a.z);
   for (long long r = 0; r < rows; ++r)
     for (long long k = 0; k < a.d; ++k)
-      dst[r * a.d + k] = z[supcon::offset3(m, row0 + r, k, a.sz_m, a.sz_n, a.sz_d)];
+      dst[r * a.d + k] = z[m * a.sz_m + (row0 + r) * a.sz_n + k * a.sz_d];
 }
 
 template <typename T>
@@ -50,29 +52,33 @@ void run_host(const SupconBackwardArgs& a, long long rows, int num_threads) {
   const float* inv_npos = reinterpret_cast<const float*>(a.inv_npos);
   const int* labels = reinterpret_cast<const int*>(a.labels);
   T* grad = reinterpret_cast<T*>(a.grad);
-  const double inv_tau = a.inv_tau;
+  const double inv_tau = a.inv_tau, kappa = a.inv_tau * supcon::kLog2e;
   std::atomic<long long> next{0};
 
   auto worker = [&]() {
     std::vector<T> zi(kBI * d), zj(kBJ * d);
     std::vector<double> coef(kBI * kBJ), out(kBI * d);  // double accumulation on the host
-    std::vector<supcon::RowStats> si(kBI), sj(kBJ);
+    std::vector<supcon::RowCoef<double>> si(kBI), sj(kBJ);
+    auto coef_of = [&](long long m, long long i) {
+      return supcon::load_row_coef<double>(theta, logd, w, inv_npos, labels, m, i, n, inv_tau, 1.0);
+    };
     for (long long task = next++; task < total; task = next++) {
       const long long m = task / row_blocks;
       const long long r0 = (task % row_blocks) * kBI;  // first output row of the block
       const long long i0 = row0 + r0;                   // its row of z
       const long long bi = std::min(kBI, rows - r0);
       load_block<T>(a, m, i0, bi, zi.data());
-      for (long long r = 0; r < bi; ++r) si[r] = supcon::load_row(theta, logd, w, inv_npos, labels, m, i0 + r, n);
+      for (long long r = 0; r < bi; ++r) si[r] = coef_of(m, i0 + r);
       std::fill(out.begin(), out.end(), 0.0);
       for (long long j0 = 0; j0 < n; j0 += kBJ) {
         const long long bj = std::min(kBJ, n - j0);
         load_block<T>(a, m, j0, bj, zj.data());
-        for (long long c = 0; c < bj; ++c) sj[c] = supcon::load_row(theta, logd, w, inv_npos, labels, m, j0 + c, n);
+        for (long long c = 0; c < bj; ++c) sj[c] = coef_of(m, j0 + c);
         for (long long r = 0; r < bi; ++r)
           for (long long c = 0; c < bj; ++c) {
-            const T s = dot<T>(&zi[r * d], &zj[c * d], d);
-            coef[r * kBJ + c] = supcon::pair_coeff<double>(static_cast<double>(s), i0 + r, j0 + c, si[r], sj[c], inv_tau);
+            const double s = static_cast<double>(dot<T>(&zi[r * d], &zj[c * d], d)) +
+                             supcon::candidate_bias<double>(sj[c].label);
+            coef[r * kBJ + c] = i0 + r == j0 + c ? 0.0 : supcon::pair_coeff<double>(s, si[r], sj[c], kappa);
           }
         for (long long r = 0; r < bi; ++r) {
           double* o = &out[r * d];
@@ -84,8 +90,11 @@ void run_host(const SupconBackwardArgs& a, long long rows, int num_threads) {
           }
         }
       }
-      for (long long r = 0; r < bi; ++r)
-        for (long long k = 0; k < d; ++k) grad[(m * rows + r0 + r) * d + k] = static_cast<T>(out[r * d + k]);
+      for (long long r = 0; r < bi; ++r) {
+        const bool live = supcon::is_live(si[r].label);  // ignored anchors get exactly zero
+        T* g = grad + (m * rows + r0 + r) * d;
+        for (long long k = 0; k < d; ++k) g[k] = live ? static_cast<T>(out[r * d + k]) : T(0);
+      }
     }
   };
 
