@@ -6,6 +6,7 @@ except under TRITON_INTERPRET=1 where the Triton kernels run on CPU tensors
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -33,3 +34,11 @@ def use_triton(t: torch.Tensor) -> bool:
     if use_reference():
         return False
     return t.is_cuda or (interpreting() and t.device.type == "cpu")
+
+
+
+def input_device(t: torch.Tensor):
+    """Context making t's CUDA device current for the launches inside: Triton and the extension
+    launch on the current device, so tensors on cuda:1 while cuda:0 is current would otherwise go to
+    the wrong device. A no-op for CPU tensors."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()

@@ -20,7 +20,7 @@ from .._autocast import matmul_class
 from .._checks import check_attention_args, check_attention_grouped_args
 from ..kernels import attention as kernels
 from ..reference import ops as reference_ops
-from ._dispatch import use_triton
+from ._dispatch import input_device, use_triton
 
 __all__ = ["attention", "attention_grouped"]
 
@@ -45,7 +45,8 @@ def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_paddin
                    scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
     q, k, v = (_head_dim_contiguous(t) for t in (q, k, v))
     mask = None if key_padding_mask is None else key_padding_mask.contiguous()
-    return kernels.attention_forward(q, k, v, mask, scale)
+    with input_device(q):
+        return kernels.attention_forward(q, k, v, mask, scale)
 
 
 @_attention_fwd.register_fake
@@ -60,7 +61,8 @@ def _attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
                    scale: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     grad_out, q, k, v, out = (_head_dim_contiguous(t) for t in (grad_out, q, k, v, out))
     mask = None if key_padding_mask is None else key_padding_mask.contiguous()
-    return kernels.attention_backward(grad_out, q, k, v, out, lse, mask, scale)
+    with input_device(q):
+        return kernels.attention_backward(grad_out, q, k, v, out, lse, mask, scale)
 
 
 @_attention_bwd.register_fake

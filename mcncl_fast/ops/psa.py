@@ -22,7 +22,7 @@ from ..kernels import psa as fwd_kernels
 from ..kernels import psa_backward as bwd_kernels
 from ..kernels import psa_pool as pool_kernels
 from ..reference import ops as reference_ops
-from ._dispatch import use_triton
+from ._dispatch import input_device, use_triton
 
 __all__ = ["psa", "psa_pool"]
 
@@ -40,9 +40,9 @@ def _psa_fwd(x: torch.Tensor, w0: torch.Tensor, w1: torch.Tensor, w2: torch.Tens
              fc1_weight: torch.Tensor, fc1_bias: torch.Tensor, fc2_weight: torch.Tensor, fc2_bias: torch.Tensor,
              frame_mask: Optional[torch.Tensor]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """-> [out, y, z, h, g]: output, branch output (x dtype), squeeze, SE hidden, gate (fp32)."""
-    out, y, z, h, g = fwd_kernels.psa_forward(x, (w0, w1, w2, w3), (b0, b1, b2, b3), fc1_weight, fc1_bias,
-                                              fc2_weight, fc2_bias, frame_mask)
-    return out, y, z, h, g
+    with input_device(x):
+        return fwd_kernels.psa_forward(x, (w0, w1, w2, w3), (b0, b1, b2, b3), fc1_weight, fc1_bias, fc2_weight,
+                                       fc2_bias, frame_mask)
 
 
 @_psa_fwd.register_fake
@@ -61,8 +61,9 @@ def _psa_pool_fwd(x: torch.Tensor, w0: torch.Tensor, w1: torch.Tensor, w2: torch
                   ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """-> [pool, S, z, h, g]: pooled output, windowed sums S [N, 6 C] (kernels/psa_pool.py), squeeze,
     SE hidden, gate (fp32)."""
-    return pool_kernels.psa_pool_forward(x, (w0, w1, w2, w3), (b0, b1, b2, b3), fc1_weight, fc1_bias,
-                                         fc2_weight, fc2_bias, frame_mask)
+    with input_device(x):
+        return pool_kernels.psa_pool_forward(x, (w0, w1, w2, w3), (b0, b1, b2, b3), fc1_weight, fc1_bias,
+                                             fc2_weight, fc2_bias, frame_mask)
 
 
 @_psa_pool_fwd.register_fake
@@ -81,7 +82,8 @@ def _psa_bwd(grad: torch.Tensor, x: torch.Tensor, aux: torch.Tensor, z: torch.Te
     """grad: d out [N, L, C] with aux = y (pool=False) or d pool [N, C] with aux = S (pool=True).
     -> [dx, dw0..dw3, db0..db3, d fc1_weight, d fc1_bias, d fc2_weight, d fc2_bias]."""
     backward = pool_kernels.psa_pool_backward if pool else bwd_kernels.psa_backward
-    return list(backward(grad, x, aux, z, h, g, (w0, w1, w2, w3), fc1_weight, fc2_weight, frame_mask))
+    with input_device(x):
+        return list(backward(grad, x, aux, z, h, g, (w0, w1, w2, w3), fc1_weight, fc2_weight, frame_mask))
 
 
 @_psa_bwd.register_fake

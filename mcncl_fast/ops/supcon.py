@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from .._checks import check_supcon_args
 from ..reference import ops as reference_ops
 from ..reference.ops import IGNORE_INDEX, hard_negative_counts, label_statistics, tie_tolerance
-from ._dispatch import use_reference, use_triton
+from ._dispatch import input_device, use_reference, use_triton
 
 __all__ = ["supcon_hard_negative_loss", "hard_negative_counts"]
 
@@ -168,7 +168,7 @@ def backward_rows(grad_loss, z, labels, theta, logd, npos, temperature, row_star
     if z.numel() == 0:
         return z.new_zeros(z.shape[0], _row_range(z.shape[1], row_start, row_count)[1], z.shape[2])
     if z.is_cuda:
-        with torch.cuda.device(z.device):
+        with input_device(z):
             grad = _cuda_backward(grad_loss, z, labels, theta, logd, npos, temperature, row_start, row_count)
     else:
         zh = z if z.dtype == torch.float64 else z.float()
@@ -182,7 +182,7 @@ def supcon_forward(z: torch.Tensor, labels: torch.Tensor, temperature: float, ha
                    ignore_index: int, num_classes: Optional[int]
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """z' [M, N, D] -> (loss [M], theta [M, N], logd [M, N], npos [N] float32, class ids [N] int32)."""
-    with torch.autocast(z.device.type, enabled=False):    # the math is fixed-precision by design
+    with torch.autocast(z.device.type, enabled=False), input_device(z):   # fixed precision by design
         stats = label_statistics(labels, hard_ratio, ignore_index, num_classes)
         ids = stats.class_ids.to(torch.int32)
         npos = stats.positives.float()
@@ -205,7 +205,7 @@ def _(z, labels, temperature, hard_ratio, ignore_index, num_classes):
 def supcon_backward(grad_loss: torch.Tensor, z: torch.Tensor, class_ids: torch.Tensor, theta: torch.Tensor,
                     logd: torch.Tensor, npos: torch.Tensor, temperature: float) -> torch.Tensor:
     """dL/dz' [M, N, D] in z's dtype."""
-    with torch.autocast(z.device.type, enabled=False):
+    with torch.autocast(z.device.type, enabled=False), input_device(z):
         return backward_rows(grad_loss, z, class_ids, theta, logd, npos, temperature)
 
 
