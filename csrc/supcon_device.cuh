@@ -1,17 +1,21 @@
-// Device-side pieces shared by the SupCon backward kernels (supcon_mma.cu: float16 / bfloat16 on
-// tensor cores, supcon_simt.cu: float32 FMA): kernel parameters, cp.async / ldmatrix / mma wrappers,
-// the cooperative tile copy and the per-column constants. Index math lives in supcon_math.h.
+// Pieces shared by the SupCon backward kernels (supcon_mma.cuh: float16 / bfloat16 on tensor cores,
+// supcon_simt.cuh: float32 FMA): kernel parameters and their construction, the cooperative tile copy
+// and the per-row constants. Index math lives in supcon_math.h, PTX wrappers in supcon_ptx.cuh.
+// Also compiled on the host by the kernel simulation (sim/, MCNCL_SUPCON_SIM).
 #pragma once
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-
+#include <climits>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
 
+#include "supcon_api.h"
 #include "supcon_math.h"
+#if defined(MCNCL_SUPCON_SIM)
+#include "sim/cuda_sim.h"  // CPU stand-ins for the CUDA built-ins and the PTX wrappers
+#else
+#include "supcon_ptx.cuh"
+#endif
 
 namespace mcncl {
 namespace supcon {
@@ -32,33 +36,63 @@ struct Params {
   int row_start, rows;   // anchor rows [row_start, row_start + rows) of z
 };
 
-// Launchers (one per kernel file); `vec`: 16-byte cp.async staging (else scalar loads).
-void launch_supcon_mma(const Params& p, int m, bool bf16, bool vec, cudaStream_t stream);
-void launch_supcon_simt(const Params& p, int m, bool vec, cudaStream_t stream);
 // Chunk width along D: each block writes the output columns of one chunk.
 constexpr int kChunkD = 128;
 
-inline void check_cuda(cudaError_t err, const char* what) {
-  if (err != cudaSuccess) {
-    cudaGetLastError();  // clear it: the caller gets an exception, the next call a clean state
-    throw std::runtime_error(std::string("supcon_backward_cuda: ") + what + ": " + cudaGetErrorString(err));
-  }
+// Grid, block and dynamic shared memory of one launch.
+struct LaunchShape {
+  unsigned gx, gy, gz;
+  int threads;
+  size_t smem;
+};
+
+// Argument checks of supcon_backward_cuda (the CPU simulation runs them too): the number of output
+// rows, 0 when there is nothing to compute; std::invalid_argument for what the kernels cannot take.
+inline long long checked_rows(const SupconBackwardArgs& a) {
+  if (a.m < 0 || a.n < 0 || a.d < 0) throw std::invalid_argument("supcon_backward_cuda: negative size");
+  const long long rows = supcon_row_count(a, "supcon_backward_cuda");
+  if (a.m == 0 || rows == 0 || a.d == 0) return 0;
+  if (a.m > 65535) throw std::invalid_argument("supcon_backward_cuda: at most 65535 modalities");
+  if (a.n > INT_MAX / 2 || a.d > INT_MAX / 2)
+    throw std::invalid_argument("supcon_backward_cuda: N and D must stay below 2^30");
+  if (a.dtype != kFloat32 && a.dtype != kFloat16 && a.dtype != kBFloat16)
+    throw std::invalid_argument("supcon_backward_cuda: z must be float32, float16 or bfloat16 (dtype code " +
+                                std::to_string(a.dtype) + ")");
+  return rows;
 }
 
-// ------------------------------------------------------------------ async copies
-__device__ __forceinline__ unsigned smem_u32(const void* p) {
-  return static_cast<unsigned>(__cvta_generic_to_shared(p));
+// Kernel parameters from the API arguments; rows = checked_rows(a).
+inline Params make_params(const SupconBackwardArgs& a, long long rows) {
+  Params p;
+  p.z = reinterpret_cast<const void*>(a.z);
+  p.n = static_cast<int>(a.n);
+  p.d = static_cast<int>(a.d);
+  p.sm = a.sz_m;
+  p.sn = a.sz_n;
+  p.sd = a.sz_d;
+  p.labels = reinterpret_cast<const int*>(a.labels);
+  p.theta = reinterpret_cast<const float*>(a.theta);
+  p.logd = reinterpret_cast<const float*>(a.logd);
+  p.w = reinterpret_cast<const float*>(a.w);
+  p.inv_npos = reinterpret_cast<const float*>(a.inv_npos);
+  p.w_scale = reinterpret_cast<const float*>(a.w_scale);
+  p.inv_tau = static_cast<float>(a.inv_tau);
+  p.kappa = static_cast<float>(a.inv_tau * kLog2e);
+  p.grad = reinterpret_cast<float*>(a.grad);
+  p.row_start = static_cast<int>(a.row_start);
+  p.rows = static_cast<int>(rows);
+  return p;
 }
 
-// 16 bytes global -> shared without going through registers (.cg: L2 only); src_bytes 0 writes zeros.
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src),
-               "r"(valid ? 16 : 0)
-               : "memory");
+// True when z can be staged in 16-byte cp.async pieces (8 elements of 16 bits or 4 of 32): unit
+// stride along D, D and the row / modality strides multiples of the piece, 16-byte aligned base.
+inline bool vector_layout(const SupconBackwardArgs& a) {
+  const long long piece = a.dtype == kFloat32 ? 4 : 8;
+  return a.sz_d == 1 && a.d % piece == 0 && a.sz_n % piece == 0 && (a.m == 1 || a.sz_m % piece == 0) &&
+         a.z % 16 == 0;
 }
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
 
+// ------------------------------------------------------------------ staging
 // Stage rows [row0, row0 + ROWS) x columns [col0, col0 + COLS) of z[m] (zm) into dst[ROWS][LD]
 // (element type E: the bits of z). Rows >= row_end and columns >= d become 0, so they add nothing.
 // Each thread copies one 16-byte column piece of rows r, r + kRowStep, ... (copy_row / copy_col),
@@ -155,6 +189,20 @@ __device__ __forceinline__ void write_zero_block(const Params& p, int m, int i0,
     if (i < i_end) *grad_at(p, m, i, c0 + e % cols) = 0.f;
   }
 }
+
+#if !defined(MCNCL_SUPCON_SIM)
+// ------------------------------------------------------------------ launchers (CUDA builds)
+inline void check_cuda(cudaError_t err, const char* what) {
+  if (err != cudaSuccess) {
+    cudaGetLastError();  // clear it: the caller gets an exception, the next call a clean state
+    throw std::runtime_error(std::string("supcon_backward_cuda: ") + what + ": " + cudaGetErrorString(err));
+  }
+}
+
+// supcon_mma.cu / supcon_simt.cu; `vec`: the cp.async kernels (vector_layout), else the scalar ones.
+void launch_supcon_mma(const Params& p, int m, bool bf16, bool vec, cudaStream_t stream);
+void launch_supcon_simt(const Params& p, int m, bool vec, cudaStream_t stream);
+#endif
 
 }  // namespace supcon
 }  // namespace mcncl

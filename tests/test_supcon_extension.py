@@ -1,4 +1,5 @@
 """mcncl_fast._C SupCon backward (csrc/supcon_*): host gradient, pointer API, nvcc build checks."""
+import ctypes
 import os
 import re
 import shutil
@@ -160,6 +161,18 @@ def _ignored_problem(m_count=2, n=70, d=12, dtype=torch.float64, seed=3):
     return zn, labels, keep, g, labels32, theta, logd, w, inv_npos
 
 
+def _problem(m_count, n, d, dtype, ignored, seed):
+    """z' [M, N, D] in dtype, class ids (-1: ignored), per-row values, g."""
+    if ignored:
+        zn, _, _, _, labels32, theta, logd, w, inv_npos = _ignored_problem(m_count, n, d, dtype, seed=seed)
+        return zn, labels32, theta, logd, w, inv_npos
+    gen = torch.Generator().manual_seed(seed)
+    zn = F.normalize(torch.randn(m_count, n, d, generator=gen), dim=-1).to(dtype)
+    labels = torch.randint(0, 7, (n,), generator=gen)
+    theta, logd, w, inv_npos, labels32 = _per_row_f64(zn.double(), labels, torch.linspace(1.0, -0.5, m_count))
+    return zn, labels32, theta, logd, w, inv_npos
+
+
 def test_host_backward_ignored_rows_are_dropped():
     """label -1 rows are neither anchors nor candidates: kept rows get the gradient of the problem
     without them (float64 reference autograd), ignored rows get exactly zero."""
@@ -277,14 +290,7 @@ GPU_CASES = [
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_cuda_backward_matches_host(dtype, case):
     m_count, n, d, layout, row_start, row_count, ignored = case
-    gen = torch.Generator().manual_seed(n + d)
-    zn = F.normalize(torch.randn(m_count, n, d, generator=gen), dim=-1).to(dtype)
-    g = torch.linspace(1.0, -0.5, m_count)
-    if ignored:
-        zn, _, _, _, labels32, theta, logd, w, inv_npos = _ignored_problem(m_count, n, d, dtype, seed=n)
-    else:
-        labels = torch.randint(0, 7, (n,), generator=gen)
-        theta, logd, w, inv_npos, labels32 = _per_row_f64(zn.double(), labels, g)
+    zn, labels32, theta, logd, w, inv_npos = _problem(m_count, n, d, dtype, ignored, seed=n + d)
     zdev = zn.cuda()
     if layout == "strided":
         zdev = torch.stack([zdev, torch.zeros_like(zdev)], dim=-1)[..., 0]
@@ -315,6 +321,84 @@ def test_cuda_backward_zero_upstream_gradient_and_op(dtype):
 
 
 NVCC = os.environ.get("CUDACXX") or shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
+
+
+CXX = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+
+
+@pytest.fixture(scope="module")
+def kernel_sim(tmp_path_factory):
+    """csrc/sim/supcon_sim.cpp built with the host compiler: the CUDA kernel bodies run on the CPU."""
+    if CXX is None:
+        pytest.skip("no C++ compiler")
+    lib = tmp_path_factory.mktemp("sim") / "libsupcon_sim.so"
+    cmd = [CXX, "-std=c++20", "-O2", "-pthread", "-shared", "-fPIC", "-Wall", "-Wno-unknown-pragmas",
+           "-I", str(ROOT / "csrc"), str(ROOT / "csrc" / "sim" / "supcon_sim.cpp"), "-o", str(lib)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    if out.returncode != 0 and re.search(r"<barrier>|_Float16|c\+\+20", out.stderr):
+        pytest.skip("the host compiler lacks C++20 <barrier> or _Float16: " + out.stderr[-300:])
+    assert out.returncode == 0, out.stderr[-3000:]
+    fn = ctypes.CDLL(str(lib)).supcon_sim_backward
+    u, ll, i32 = ctypes.c_size_t, ctypes.c_longlong, ctypes.c_int
+    fn.argtypes = [u, i32, ll, ll, ll, ll, ll, ll, u, u, u, u, u, u, ctypes.c_double, u, ll, ll, i32]
+    fn.restype = i32
+    return fn
+
+
+def _sim_backward(fn, zn, labels32, theta, logd, w, inv_npos, row_start=0, row_count=-1, land_at_wait=False,
+                  temperature=0.07):
+    """supcon_backward_cuda's kernels simulated on the CPU (same arguments, host pointers)."""
+    m_count, n, d = zn.shape
+    rows = max(0, n - row_start if row_count < 0 else row_count)
+    ts = [t.contiguous() for t in (labels32, theta.float(), logd.float(), w.float(), inv_npos.float(),
+                                    w.float().abs().amax(dim=1))]
+    grad = torch.full((m_count, rows, d), float("nan"))
+    rc = fn(zn.data_ptr(), supcon_op.DTYPE_CODE[zn.dtype], m_count, n, d, *zn.stride(), *[t.data_ptr() for t in ts],
+            1.0 / temperature, grad.data_ptr(), row_start, row_count, int(land_at_wait))
+    assert rc == 0
+    return grad
+
+
+# (M, N, D, layout, row_start, row_count, ignored) for the simulation: smaller than GPU_CASES, same paths
+SIM_CASES = [
+    (2, 150, 200, "contiguous", 0, -1, False),    # two D-chunks (Z_I streamed), N tail
+    (1, 130, 128, "contiguous", 37, 70, False),   # resident Z_I, row range across block and tile edges
+    (2, 100, 96, "contiguous", 0, -1, True),      # ignored rows with NaN per-row values
+    (1, 70, 520, "contiguous", 0, -1, True),      # five D-chunks, a partial last one
+    (1, 90, 40, "strided", 0, -1, False),         # scalar-load kernels
+    (1, 77, 13, "contiguous", 5, 60, True),       # D not a multiple of 8: scalar kernels
+]
+SIM_TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 5e-3}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", SIM_CASES, ids=lambda c: "M{}-N{}-D{}-{}-rows{}+{}{}".format(*c[:6], "-ign" * c[6]))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_simulated_cuda_kernels_match_host(kernel_sim, dtype, case):
+    """The CUDA kernel bodies, run by the CPU simulation with cp.async landing at issue and at the wait,
+    agree with the host backward; ignored anchors get exact zeros."""
+    m_count, n, d, layout, row_start, row_count, ignored = case
+    zn, labels32, theta, logd, w, inv_npos = _problem(m_count, n, d, dtype, ignored, seed=n + d)
+    zk = torch.stack([zn, torch.zeros_like(zn)], dim=-1)[..., 0] if layout == "strided" else zn
+    host = _raw_backward(zn.float(), labels32, theta, logd, w, inv_npos, row_start=row_start, row_count=row_count)
+    for land_at_wait in (False, True):
+        sim = _sim_backward(kernel_sim, zk, labels32, theta, logd, w, inv_npos, row_start, row_count, land_at_wait)
+        assert torch.isfinite(sim).all()
+        assert ((sim - host).norm() / host.norm()).item() < SIM_TOL[dtype], land_at_wait
+        dead = labels32[row_start:row_start + host.shape[1]] < 0
+        assert torch.equal(sim[:, dead], torch.zeros_like(sim[:, dead]))
+
+
+@pytest.mark.slow
+def test_simulated_cuda_entry_checks_and_zero_gradient(kernel_sim):
+    zn, labels32, theta, logd, w, inv_npos = _problem(2, 70, 64, torch.bfloat16, False, seed=5)
+    w[0] = 0.0                                                            # modality 0: w_scale 0
+    sim = _sim_backward(kernel_sim, zn, labels32, theta, logd, w, inv_npos)
+    host = _raw_backward(zn.float(), labels32, theta, logd, w, inv_npos)
+    assert torch.equal(sim[0], torch.zeros_like(sim[0]))
+    assert ((sim - host).norm() / host.norm()).item() < SIM_TOL[torch.bfloat16]
+    with pytest.raises(AssertionError):                                   # bad row range: rc 1
+        _sim_backward(kernel_sim, zn, labels32, theta, logd, w, inv_npos, row_start=60, row_count=20)
 
 
 SUPCON_CU = ["supcon_cuda.cu", "supcon_mma.cu", "supcon_simt.cu"]
