@@ -6,11 +6,19 @@ and sm_80 (Ampere) with each autotune config and dtype it is launched with, and
 its shared-memory use is checked against the device limit.
 
 Use:
-    from tests.aot import compile_for_targets, TARGETS
-    compile_for_targets(kernel_fn, signature={"x_ptr": "*fp32", "n": "i32", "BLOCK": "constexpr"},
-                        constexprs={"BLOCK": 128}, num_warps=4, num_stages=2)
+    from tests.aot import compile_for_targets, launch_hints, TARGETS
+    sig = {"x_ptr": "*fp32", "n": "i32"}
+    divisible, ones = launch_hints(kernel_fn, sig, {"n": 4096})
+    compile_for_targets(kernel_fn, signature=sig, constexprs={"BLOCK": 128, **ones}, num_warps=4,
+                        num_stages=2, divisible=divisible)
 `kernel_fn` may be the @triton.jit function or an @triton.autotune wrapper
 (its `.fn` is unwrapped); the caller loops over configs.
+
+Specialisation: a real launch marks every pointer argument (allocations are 256-byte aligned) and
+every integer argument whose value is a multiple of 16 as divisible by 16 (tt.divisibility), and
+turns an integer equal to 1 into the constexpr 1. Vector widths (LDG.E.128 vs LDG.E), register use
+and spills depend on it: pass `divisible=` (and the constexprs) of the launch being checked;
+`launch_hints` derives them from the argument values with Triton's own rule.
 """
 from __future__ import annotations
 
@@ -108,14 +116,39 @@ def real_jit():
                 setattr(module, name, value)
 
 
+def launch_hints(kernel, signature: dict, values: dict = None):
+    """(divisible, ones) of a launch: the argument names it specialises as divisible by 16 (every
+    pointer; each integer in `values` that is a multiple of 16) and {name: 1} for the integers equal to
+    1, which it passes as constexprs. The integer rule is the launcher's (native_specialize_impl),
+    including the kernel's do_not_specialize lists."""
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+    params = {p.name: p for p in unwrap(kernel).params}
+    divisible, ones = [], {}
+    for name, ty in signature.items():
+        p = params[name]
+        if ty.startswith("*"):
+            if not p.do_not_specialize_on_alignment:
+                divisible.append(name)
+        elif values and name in values and isinstance(values[name], int) and not isinstance(values[name], bool):
+            kind, spec = native_specialize_impl(BaseBackend, values[name], False, not p.do_not_specialize,
+                                                not p.do_not_specialize_on_alignment)[:2]
+            if kind == "constexpr":
+                ones[name] = spec
+            elif spec == "D":
+                divisible.append(name)
+    return divisible, ones
+
+
 def compile_for_targets(kernel, signature: dict, constexprs: dict, num_warps: int = 4,
-                        num_stages: int = 2, targets=TARGETS):
-    """Compile for every target; assert the shared memory fits. Returns {target.name: compiled}."""
+                        num_stages: int = 2, targets=TARGETS, divisible=()):
+    """Compile for every target; assert the shared memory fits. Returns {target.name: compiled}.
+    divisible: argument names a launch specialises as divisible by 16 (see launch_hints)."""
     with real_jit():
-        return _compile_for_targets(kernel, signature, constexprs, num_warps, num_stages, targets)
+        return _compile_for_targets(kernel, signature, constexprs, num_warps, num_stages, targets, divisible)
 
 
-def _compile_for_targets(kernel, signature, constexprs, num_warps, num_stages, targets):
+def _compile_for_targets(kernel, signature, constexprs, num_warps, num_stages, targets, divisible=()):
     fn = unwrap(kernel)
     sig = dict(signature)
     for name in constexprs:
@@ -123,9 +156,13 @@ def _compile_for_targets(kernel, signature, constexprs, num_warps, num_stages, t
     missing = [a for a in fn.arg_names if a not in sig]
     if missing:
         raise ValueError(f"signature misses kernel arguments {missing}")
+    bad = [a for a in divisible if a not in sig or sig[a] == "constexpr"]
+    if bad:
+        raise ValueError(f"divisible names no runtime argument: {bad}")
+    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in divisible}
     results = {}
     for target in targets:
-        src = ASTSource(fn, signature=sig, constexprs=dict(constexprs))
+        src = ASTSource(fn, signature=sig, constexprs=dict(constexprs), attrs=attrs)
         compiled = triton.compile(src, target=GPUTarget("cuda", target.capability, 32),
                                   options={"num_warps": num_warps, "num_stages": num_stages})
         shared = compiled.metadata.shared

@@ -3,7 +3,7 @@ import pytest
 import triton
 import triton.language as tl
 
-from tests.aot import TARGETS, compile_for_targets
+from tests.aot import TARGETS, compile_for_targets, launch_hints
 
 
 @triton.jit
@@ -37,3 +37,21 @@ def test_rejects_tiles_that_overflow_shared_memory():
 
 def test_small_dot_compiles():
     compile_for_targets(_tiny_dot_kernel, {"a_ptr": "*fp32", "c_ptr": "*fp32"}, {"BLOCK": 32})
+
+
+def test_launch_hints_follow_the_launcher():
+    sig = {"x_ptr": "*fp32", "y_ptr": "*fp32", "n": "i32", "factor": "fp32"}
+    assert launch_hints(_scale_kernel, sig, {"n": 4096}) == (["x_ptr", "y_ptr", "n"], {})
+    assert launch_hints(_scale_kernel, sig, {"n": 1000}) == (["x_ptr", "y_ptr"], {})
+    assert launch_hints(_scale_kernel, sig, {"n": 1}) == (["x_ptr", "y_ptr"], {"n": 1})
+
+
+def test_divisibility_hints_widen_the_loads():
+    sig = {"x_ptr": "*fp32", "y_ptr": "*fp32", "n": "i32", "factor": "fp32"}
+    target = TARGETS[:1]
+    plain = compile_for_targets(_scale_kernel, sig, {"BLOCK": 1024}, targets=target)[TARGETS[0].name]
+    divisible, _ = launch_hints(_scale_kernel, sig, {"n": 4096})
+    hinted = compile_for_targets(_scale_kernel, sig, {"BLOCK": 1024}, targets=target,
+                                 divisible=divisible)[TARGETS[0].name]
+    assert "ld.global.v4" not in plain.asm["ptx"]
+    assert "ld.global.v4" in hinted.asm["ptx"]

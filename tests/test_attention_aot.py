@@ -1,7 +1,9 @@
 """Ahead-of-time compile of the attention kernels for sm_90 and sm_80 (DESIGN.md §6).
 
 Every kernel x autotune config it can launch with (after the shared-memory prune) x dtype x
-head dim, with and without a key padding mask; the shared memory must fit each target.
+head dim, with and without a key padding mask; the shared memory must fit each target. Compiled with
+the specialisation of a launch at the model's layout (3 streams x 16 dialogues x 24 utterances,
+8 heads, [G, B, S, H, Dh] memory seen as [G, B, H, S, Dh]): every stride is a multiple of Dh >= 16.
 Largest shared memory (bytes, sm_90 / sm_80) at Dh = 128: fwd fp32 114944, dq fp32 147456,
 dkdv fp32 147968 (A100 limit 166912); 16-bit dkdv 82176 / 90368.
 """
@@ -13,7 +15,7 @@ import pytest
 import torch
 
 import mcncl_fast.kernels.attention as kernels
-from tests.aot import POINTER, TARGETS, compile_for_targets, unwrap
+from tests.aot import POINTER, TARGETS, compile_for_targets, launch_hints, unwrap
 
 
 KERNELS = {"fwd": (kernels.attn_fwd, kernels.FWD_CONFIGS), "dq": (kernels.attn_bwd_dq, kernels.DQ_CONFIGS),
@@ -36,6 +38,16 @@ def _signature(kernel, dtype):
         elif name not in ("HEAD_DIM", "HAS_MASK", "PRECISION", "BLOCK_M", "BLOCK_N"):
             sig[name] = "i32"
     return sig
+
+
+def _launch_values(head_dim, groups=3, batch=16, heads=8, length=24):
+    """Integer arguments of a grouped launch in the model's layout (mask [B, Lk]: strides 0, Lk)."""
+    strides = {"g": batch * length * heads * head_dim, "b": length * heads * head_dim, "h": head_dim,
+               "l": heads * head_dim}
+    values = {f"s{t}_{axis}": stride for t in ("q", "k", "v", "o", "do", "dq", "dk", "dv")
+              for axis, stride in strides.items()}
+    key = 1 << (length - 1).bit_length()
+    return dict(values, sm_g=0, sm_b=length, B=batch, H=heads, LQ=length, LK=length, LQ_KEY=key, LK_KEY=key)
 
 
 def _launched_configs(kind, dtype, head_dim):
@@ -77,13 +89,14 @@ def test_compiles_within_shared_memory(kind, dtype, head_dim, record_property):
     configs = _launched_configs(kind, dtype, head_dim)
     assert configs
     sig = _signature(kernel, dtype)
+    divisible, ones = launch_hints(kernel, sig, _launch_values(head_dim))
     shared = {}
     for i, config in enumerate(configs):
         for has_mask in (True, False) if i == 0 else (True,):
             constexprs = dict(config.kwargs, HEAD_DIM=head_dim, HAS_MASK=has_mask,
-                              PRECISION="ieee" if dtype == torch.float32 else "tf32")
+                              PRECISION="ieee" if dtype == torch.float32 else "tf32", **ones)
             out = compile_for_targets(kernel, sig, constexprs, num_warps=config.num_warps,
-                                      num_stages=config.num_stages)
+                                      num_stages=config.num_stages, divisible=divisible)
             for target in TARGETS:
                 assert "cubin" in out[target.name].asm
             # the prune estimate must not under-estimate, or the autotuner could launch a config that fails

@@ -5,6 +5,8 @@ main shape (C = 256: BLOCK_Q = 64; L = 32: BLOCK_L = 32) with a frame mask; for 
 config also without a mask at L = 1 / C = 64 (BLOCK_L = 1, BLOCK_Q = 16) and with a row filling the
 tile (BLOCK_L = BLOCK_M). The SE kernels with POOL on and off. The shared memory must fit each target.
 The shared-memory bytes per kernel/config are recorded as a test property (max over targets).
+Compiled with the specialisation of a launch at N = 2048 rows (launch_values): at the main shape every
+integer argument is a multiple of 16; at L = 1 the frame count is the constexpr 1.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import triton.language as tl
 import mcncl_fast.kernels.psa as fwd
 import mcncl_fast.kernels.psa_backward as bwd
 import mcncl_fast.kernels.psa_pool as pool_kernels
-from tests.aot import POINTER, TARGETS, compile_for_targets, unwrap
+from tests.aot import POINTER, TARGETS, compile_for_targets, launch_hints, unwrap
 
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -63,9 +65,15 @@ SMALL = {
 }
 
 
-def _compile(kernel, sig, constexprs, config):
-    out = compile_for_targets(kernel, sig, constexprs, num_warps=config.num_warps,
-                              num_stages=config.num_stages)
+def launch_values(q=64, length=32, n=2048, partials=32):
+    """Integer arguments of a launch on x [n, length, 4 q] (conv_dw: `partials` row chunks)."""
+    return dict(N=n, L=length, C=4 * q, Q=q, ROWS_PER_PROG=-(-n // partials), TOTAL_W=24 * q * q)
+
+
+def _compile(kernel, sig, constexprs, config, values=None):
+    divisible, ones = launch_hints(kernel, sig, values or launch_values())
+    out = compile_for_targets(kernel, sig, dict(constexprs, **ones), num_warps=config.num_warps,
+                              num_stages=config.num_stages, divisible=divisible)
     for target in TARGETS:
         assert "cubin" in out[target.name].asm
     return max(c.metadata.shared for c in out.values())
@@ -89,8 +97,8 @@ def test_conv_kernels_compile(kind, dtype, record_property):
                 if "DOT_DTYPE" in unwrap(kernel).arg_names:
                     constexprs["DOT_DTYPE"] = DOT[dtype]
                 key = f"BLOCK_M={block_m},w{config.num_warps},s{config.num_stages},Q{block_q},L{block_l}"
-                shared[key] = max(shared.get(key, 0),
-                                  _compile(kernel, signature(kernel, dtype), constexprs, config))
+                shared[key] = max(shared.get(key, 0), _compile(kernel, signature(kernel, dtype), constexprs,
+                                                               config, launch_values(block_q, block_l)))
     record_property("shared_bytes", shared)
     print(kind, dtype, shared)
 

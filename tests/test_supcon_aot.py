@@ -2,7 +2,10 @@
 
 Every autotune config a GPU launch keeps for each dtype (kernels.supcon.configs_for) and every K tile
 the launcher passes (block_k) compiles for Hopper and Ampere with tests/aot.py, fits the shared
-memory, and (where Triton's ptxas is present) assembles without register spills.
+memory, and (where Triton's ptxas is present) assembles without register spills (ptxas with the flags
+Triton passes). Each with the specialisation of a launch on a contiguous z (N = 32768): pointers,
+N and the strides divisible by 16 when D is (case suffix "aligned", else "unaligned"), stride_d the
+constexpr 1.
 
 The compiles run in one subprocess without TRITON_INTERPRET: in this process the interpreter has
 patched triton.language (and the kernel module was imported interpreted), which breaks real
@@ -26,7 +29,7 @@ SCRIPT = textwrap.dedent("""
     import json, os, subprocess, sys, tempfile
     import torch
     from mcncl_fast.kernels import supcon as kernel
-    from tests.aot import POINTER, TARGETS, compile_for_targets, config_options
+    from tests.aot import POINTER, TARGETS, compile_for_targets, config_options, launch_hints
 
     assert not kernel.INTERPRET
     SIGNATURE = {"labels_ptr": "*i32", "k_ptr": "*i32", "nneg_ptr": "*i32", "delta_ptr": "*fp32",
@@ -46,7 +49,8 @@ SCRIPT = textwrap.dedent("""
         with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
             f.write(compiled.asm["ptx"])
         try:
-            out = subprocess.run([ptxas, f"-arch={arch}", "-v", f.name, "-o", os.devnull],
+            out = subprocess.run([ptxas, "-lineinfo", "-v", "--regAllocOptLevel=2", f"-arch={arch}", f.name,
+                                  "-o", os.devnull],
                                  capture_output=True, text=True, timeout=300)
         finally:
             os.unlink(f.name)
@@ -56,16 +60,24 @@ SCRIPT = textwrap.dedent("""
     for name in sys.argv[2].split(","):
         dtype = getattr(torch, name)
         configs = kernel.configs_for(dtype)
-        bks = sorted({kernel.block_k(d, dtype) for d in map(int, sys.argv[3].split(","))})
+        launches = {}          # (K tile, D multiple of 16) -> integer arguments of such a launch
+        for d in map(int, sys.argv[3].split(",")):
+            n = 32768
+            launches.setdefault((kernel.block_k(d, dtype), d % 16 == 0),
+                                dict(N=n, D=d, row_start=0, row_count=n, stride_m=n * d, stride_n=d, stride_d=1,
+                                     passes_stride=-(-n // 16)))
+        sig = dict(SIGNATURE, z_ptr=POINTER[name])
         for config in configs:
-            for bk in bks:
+            for (bk, aligned), values in sorted(launches.items()):
                 constexprs, warps, stages = config_options(config)
-                constexprs["BK"] = bk
-                case = f"{name}-BM{constexprs['BM']}-BN{constexprs['BN']}-BK{bk}-w{warps}"
+                divisible, ones = launch_hints(kernel.supcon_forward_kernel, sig, values)
+                constexprs.update(ones, BK=bk)
+                case = (f"{name}-BM{constexprs['BM']}-BN{constexprs['BN']}-BK{bk}-w{warps}-"
+                        f"{'aligned' if aligned else 'unaligned'}")
                 entry = results.setdefault(case, {})
                 try:
-                    compiled = compile_for_targets(kernel.supcon_forward_kernel,
-                                                   dict(SIGNATURE, z_ptr=POINTER[name]), constexprs, warps, stages)
+                    compiled = compile_for_targets(kernel.supcon_forward_kernel, sig, constexprs, warps, stages,
+                                                   divisible=divisible)
                 except Exception as exc:           # reported per case by the test
                     entry["error"] = f"{type(exc).__name__}: {exc}"[-3000:]
                     continue
@@ -102,7 +114,7 @@ EXPECTED_CASES = {
 def test_launch_cases_are_the_expected_ones(aot_results):
     found = {}
     for case in aot_results:
-        name, bm, bn, bk, _ = case.split("-")
+        name, bm, bn, bk = case.split("-")[:4]
         found.setdefault(name, set()).add((int(bm[2:]), int(bn[2:]), int(bk[2:])))
     assert found == EXPECTED_CASES
 
