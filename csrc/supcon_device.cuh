@@ -53,8 +53,9 @@ inline long long checked_rows(const SupconBackwardArgs& a) {
   const long long rows = supcon_row_count(a, "supcon_backward_cuda");
   if (a.m == 0 || rows == 0 || a.d == 0) return 0;
   if (a.m > 65535) throw std::invalid_argument("supcon_backward_cuda: at most 65535 modalities");
-  if (a.n > INT_MAX / 2 || a.d > INT_MAX / 2)
-    throw std::invalid_argument("supcon_backward_cuda: N and D must stay below 2^30");
+  // grid.y = D-chunks <= 65535; a block's pipeline steps (column tiles of 32 or 64 x D-chunks) fit an int
+  if (a.n > INT_MAX / 2 || a.d > 65535LL * kChunkD || (a.n / 32 + 1) * (a.d / kChunkD + 1) > INT_MAX)
+    throw std::invalid_argument("supcon_backward_cuda: N or D too large for the kernels' index types");
   if (a.dtype != kFloat32 && a.dtype != kFloat16 && a.dtype != kBFloat16)
     throw std::invalid_argument("supcon_backward_cuda: z must be float32, float16 or bfloat16 (dtype code " +
                                 std::to_string(a.dtype) + ")");

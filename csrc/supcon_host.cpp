@@ -1,5 +1,5 @@
 // Host (CPU) implementation of the hard-negative SupCon backward: the same tiled algorithm as the
-// CUDA kernels (supcon_mma.cu, supcon_simt.cu) on top of the same per-element math (supcon_math.h):
+// CUDA kernels (supcon_mma.cuh, supcon_simt.cuh) on top of the same per-element math (supcon_math.h):
 // RowCoef constants, candidate bias (NaN for ignored columns), explicit zero diagonal, zero rows for
 // ignored anchors.
 //   for every modality m and row block I of the anchor-row range (threads pull blocks from a counter):

@@ -1,5 +1,5 @@
 // Per-element math and tile/fragment index helpers of the hard-negative SupCon backward
-// (DESIGN.md §4.3), written once and used by the CUDA kernels (supcon_mma.cu, supcon_simt.cu), the
+// (DESIGN.md §4.3), written once and used by the CUDA kernels (supcon_mma.cuh, supcon_simt.cuh), the
 // host implementation (supcon_host.cpp) and the host-side layout self-check (supcon_layout_check.cpp),
 // so the CPU tests exercise exactly the code the GPU runs.
 //

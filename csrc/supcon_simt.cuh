@@ -1,7 +1,7 @@
 // float32 SupCon backward with SIMT FMA (IEEE fmaf, float32 accumulation: parity rel < 1e-5 with the
 // float64 reference; tf32 tensor cores would not meet it).
 //
-// Same streaming structure as supcon_mma.cu: a block owns 64 anchor rows and one 128-wide chunk of
+// Same streaming structure as supcon_mma.cuh: a block owns 64 anchor rows and one 128-wide chunk of
 // output columns; Z_I stays resident in shared memory (D <= 128) or is streamed chunk by chunk next
 // to Z_J; Z_J is staged once per 32-column tile by 16-byte cp.async into two buffers (tile t+1 loads
 // while tile t computes) and feeds both products:
