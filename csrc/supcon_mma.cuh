@@ -33,6 +33,9 @@ constexpr size_t kColBytes = 2 * sizeof(CoefTile<kBN>);
 constexpr size_t smem_bytes(bool stream_zi) {
   return kColBytes + (2 + (stream_zi ? 2 : 1)) * kTile * sizeof(uint16_t);
 }
+// cp.async and ldmatrix need 16-byte aligned shared addresses: every region and row starts on one
+static_assert(kColBytes % 16 == 0 && kTile * sizeof(uint16_t) % 16 == 0 && kLd * sizeof(uint16_t) % 16 == 0,
+              "16-byte aligned shared regions");
 
 // Grid: anchor-row blocks x D-chunks x modalities.
 inline LaunchShape mma_shape(const Params& p, int m) {

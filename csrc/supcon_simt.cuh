@@ -31,6 +31,10 @@ constexpr size_t kABytes = kBM * kLdA * sizeof(float);
 constexpr size_t smem_bytes(bool stream_zi) {
   return kColBytes + kABytes + (2 * kTileJ + (stream_zi ? 2 : 1) * kTileI) * sizeof(float);
 }
+// cp.async and float4 accesses need 16-byte aligned shared addresses: every region and row starts on one
+static_assert(kColBytes % 16 == 0 && kABytes % 16 == 0 && kLdA % 4 == 0 && kLd % 4 == 0 &&
+                  sizeof(CoefTile<kBN>) % 16 == 0,
+              "16-byte aligned shared regions");
 
 // Grid: anchor-row blocks x D-chunks x modalities.
 inline LaunchShape simt_shape(const Params& p, int m) {
