@@ -6,8 +6,6 @@ import os
 
 import pytest
 import torch
-from torch._library.custom_ops import OPDEFS
-from torch.utils._python_dispatch import TorchDispatchMode
 
 # DESIGN.md §6 tolerances on rel = ||fast - ref|| / ||ref||
 TOLERANCE = {torch.float32: 1e-5, "tf32": 1e-3, torch.float16: 2e-2, torch.bfloat16: 2e-2,
@@ -79,31 +77,3 @@ def supcon_by_loop(z, labels, temperature, hard_ratio, ignore_index=-100, normal
         losses.append(-sum(sims[p] / temperature - math.log(denominator) for p in positives) / len(positives))
     return sum(losses) / len(losses) if losses else 0.0
 
-
-# ATen ops that force a host-device sync on CUDA (boolean-mask indexing is detected separately)
-SYNC_OPS = {"_local_scalar_dense", "nonzero", "_unique2", "unique_dim", "unique_consecutive", "masked_select",
-            "item"}
-
-
-class DispatchRecorder(TorchDispatchMode):
-    """Records every ATen op a region dispatches, looking inside this project's custom ops (a
-    dispatch mode otherwise sees a custom op as one opaque call), and the sync points among them."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-        self.syncs = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func.namespace == "mcncl_fast":
-            with self:   # run the op's Python implementation under this mode
-                return OPDEFS[func._schema.name]._init_fn(*args, **kwargs)
-        name = func.overloadpacket.__name__
-        self.ops.append(name)
-        bool_index = name.startswith("index") and any(
-            isinstance(i, torch.Tensor) and i.dtype == torch.bool
-            for a in args if isinstance(a, (list, tuple)) for i in a)
-        if name in SYNC_OPS or bool_index:
-            self.syncs.append(name)
-        return func(*args, **kwargs)

@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 from mcncl_fast import ops
 from mcncl_fast.ops import supcon as supcon_op
 from mcncl_fast.reference import ops as reference_ops
-from tests.helpers import INTERPRET, DispatchRecorder, assert_close_rel, rel_error, supcon_by_loop
+from benchmarks.device_ops import DeviceOps
+from tests.helpers import INTERPRET, assert_close_rel, rel_error, supcon_by_loop
 from tests.test_supcon_fast import PATH_DEVICES, PATHS, compare, loss_and_grad, use_path  # noqa: F401
 
 
@@ -148,12 +149,12 @@ def test_no_host_sync_with_num_classes(monkeypatch):
     z = torch.randn(3, 40, 16, requires_grad=True)
     labels = torch.randint(0, 5, (40,))
     labels[::6] = -100
-    with DispatchRecorder() as counter:
+    with DeviceOps() as counter:
         loss = ops.supcon_hard_negative_loss(z, labels, num_classes=5)
         loss.sum().backward()
-    assert "addmm" in counter.ops or "mm" in counter.ops or "linalg_vector_norm" in counter.ops
+    assert counter.triton >= 1 and counter.aten > 20          # the recorder saw the op's work
     assert counter.syncs == [] and host_reads == [], (counter.syncs, host_reads)
     monkeypatch.undo()
-    with DispatchRecorder() as counter:     # without the class count the op needs torch.unique: it shows
+    with DeviceOps() as counter:     # without the class count the op needs torch.unique: it shows
         ops.supcon_hard_negative_loss(z, labels)
     assert counter.syncs
