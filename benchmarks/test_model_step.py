@@ -1,4 +1,11 @@
-"""One training step (forward + backward + AdamW) of the whole model: reference vs fast."""
+"""One training step (forward + backward + AdamW) of the whole model: reference vs fast; and the
+device operations of a step per stage (benchmarks/model_ops.py), which on a CPU-only machine stand in
+for the GPU timing of a launch-bound step."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -46,3 +53,14 @@ def test_train_step(impl, run_benchmark, device):
 @pytest.mark.skipif(not CUDA, reason="inductor compile of the whole model takes minutes on 2 CPU cores")
 def test_train_step_compiled_reference(run_benchmark, device):
     run_benchmark(make_step(reference.Model, device, compile_model=True), rounds=5, warmup_rounds=2)
+
+
+def test_device_operations_per_stage():
+    """Prints the table (run with -s): ops per stage, reference vs fast. The Triton kernels must run to
+    be counted, through the interpreter; conftest.py unsets TRITON_INTERPRET for the timings, so the
+    count runs in a subprocess with it set."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    result = subprocess.run([sys.executable, "-m", "benchmarks.model_ops"], cwd=Path(__file__).resolve().parents[1],
+                            env=env, capture_output=True, text=True, timeout=600)
+    print(result.stdout)
+    assert result.returncode == 0, result.stderr[-4000:]

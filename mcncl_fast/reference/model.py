@@ -4,9 +4,10 @@ Encoders -> PSA over visual frames -> T layers of bidirectional triple-query
 cross-attention -> projection heads + classifier -> CE + weighted SupCon.
 
 The modules call their ops through `self.ops` (this package's reference ops);
-`mcncl_fast.Model` is the same model with `ops` set to the fast ops and two
-module class and one hook swapped (`psa_cls`, `_cross_attend`), so parameters and
-state_dict keys are shared by construction.
+`mcncl_fast.Model` is a subclass with `ops` set to the fast ops, the PSA module
+class swapped (`psa_cls`) and the MCN and heads run with the three streams
+stacked, on these same per-stream modules, so parameters and state_dict keys
+are shared by construction.
 """
 from __future__ import annotations
 
@@ -179,7 +180,7 @@ class Model(nn.Module):
         self.classifier = nn.Sequential(nn.Linear(3 * d, d), nn.ReLU(), nn.Linear(d, d), nn.ReLU(),
                                         nn.Linear(d, d), nn.ReLU(), nn.Linear(d, cfg.num_classes))
 
-    # -- hooks the fast model overrides ------------------------------------------------
+    # -- cross-attention of the three streams, one stream at a time ----------------------
     def _cross_attend(self, attns: List[MultiHeadAttention], queries, keys, key_padding_mask):
         """One cross-attention per stream (same shapes): returns the out-projected outputs."""
         outs = []
