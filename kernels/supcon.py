@@ -1,36 +1,45 @@
 """Triton forward of the hard-negative SupCon loss (DESIGN.md §4.3, paper eq. 26).
 
-One program = BM anchor rows of one modality. Similarities S = Z_I Z_J^T are recomputed tile by
-tile with tl.dot (IEEE for float32, float32 accumulation for 16-bit) by ONE helper, `_sim_tile`,
-used by every pass, so the selection, the hard mask and the denominator all see bit-identical
-values. Nothing of size N x N is stored; per row the kernel writes theta, log D and the sum of
-positive similarities (O(M·N)).
+A program = BM anchor rows of one modality against all N columns. The similarities
+S = Z_I Z_J^T are recomputed tile by tile with tl.dot (IEEE for float32, float32 accumulation for
+16-bit) by one helper, `_sim_tile` (kernels/supcon_passes.py), so every pass sees bit-identical
+values; nothing N x N is stored. Per anchor: theta, log D and the sum of positive similarities.
+t_i = the k_i-th largest negative similarity (exactly, on these values); a negative is hard iff
+s >= t_i - delta (float32); D = sum of exp(s / tau) over the hard negatives and the positives.
 
-Exact selection of t_i = k_i-th largest negative similarity (ties at t_i all included):
-work on the order-preserving uint32 key of the float32 similarity (-0.0 mapped to +0.0), keep a
-bracket [lo, hi] of keys with count(key >= lo) >= k > count(key > hi), and narrow it with a
-16-bin histogram of the keys inside the bracket (bins of width 2^shift, the counts of the 16
-bins packed as 8-bit fields into two uint64 per row and tile, unpacked per tile):
-  pass 1 (stats):  initial bracket = the keys of the side of 0 that holds t_i (from the count of
-                   negatives >= 0): [min key >= +0, max key] or [0, max key < 0]; sum of
-                   positives, row max
-  passes 2..:      one histogram pass per 4 bits: lo moves to the highest bin whose suffix count
-                   is still >= k; stops when lo == hi (lo is then t_i's key) or when
-                   count(key >= lo) == k (then {key >= lo} is exactly the hard set)
-  last pass:       D_i = sum over positives and negatives with key >= lo of exp(s/tau)
-                   (shifted by the row max), plus t_i and the largest negative below it.
-Bounded cost: every histogram pass removes 4 bits of the bracket width (the bins cover it, the
-chosen bin is 1/16 of it) and a width of at most 2^32 - 1 keys is a single key after 8, so at
-most 8 histogram passes: at most 10 passes over the similarity tiles in all, each recomputing
-S = Z_I Z_J^T. A block stops as soon as all its rows are done, i.e. once lo separates the k-th
-from the (k+1)-th largest; measured on random data (normalised, D = 128, 7 classes, r = 0.3),
-histogram passes per program: mean 4.1 / max 5 at N = 300, mean 5.25 / max 6 at N = 1000, so
-6-8 passes over the tiles. Exact duplicates at the threshold end with lo == hi. The number of
-histogram passes each program ran is written to `passes`. (The backward is 1 pass: 2 GEMMs/tile.)
+Selection: per row a bracket [lo, hi] of values (uint32 keys, kernels/supcon_select.py) with
+c_gt = count(s > hi) < k <= c_gt + c_in, c_in = count(s in [lo, hi]). Three kernels:
+  supcon_sample_kernel  the first bracket, from a sample: chunks of CHUNK = 32 columns spread over
+      all N (N / 8 columns, at most 8192), each sorted; the quantiles at p -/+ 4 standard errors
+      (p = k / nneg), interpolated and averaged over the chunks.
+  supcon_count_kernel   pass 1 and the counting passes. A counting pass bins every negative,
+      b = trunc(min(fma(s, w, c0), 15)): 15 bins of equal value width over the bracket, 15 =
+      above it, < 0 below (passes 3.. split the bracket's keys instead: a guaranteed 15-fold cut),
+      counted in 4-bit fields of one uint64 per element summed over 8 columns of a thread, widened
+      to bytes per tile and to int32 every 31 tiles. The bin holding the k-th largest becomes the
+      bracket (its key range found by bisection with the same bin function, so counts and bracket
+      agree whatever the rounding); if t_i is outside the sample's bracket, the part below / above
+      it. Pass 1 also keeps the largest negative or positive (the exp shift), the smallest negative
+      (t_i when k = nneg) and the sum of positives. Counting passes run while some row's bracket
+      holds more than READY = 160 negatives; a bracket of one value is t_i.
+  supcon_final_kernel   the final pass: the positives and the negatives above hi add
+      exp2(s log2(e) / tau - shift) to D; the distinct values in [lo - delta, hi] go, with their
+      multiplicities, to a per-row candidate buffer (per tile, the largest value not yet taken, as
+      often as the tile's rows have values there). t_i = the (k - c_gt)-th largest candidate
+      (bisection on keys); the candidates >= t_i - delta complete D; theta = midpoint of the
+      smallest hard negative and the largest other one. Where t_i is known (one-value bracket,
+      k = nneg) the hard negatives are counted directly. More than CAP = 256 distinct candidates:
+      once more without the delta extension, then, if t_i - delta < lo, once more with t_i known.
+Rows finish together: a program runs its passes while any of its rows is open.
 
-Saved threshold theta_i: a value in (t_i^-, t_i] (midpoint of t_i and the largest negative
-below it; -inf if every negative is hard, +inf if there is none), so that a backward that
-recomputes s_ij with a different summation order still classifies the threshold element.
+`passes` = the sweeps over all N column tiles a program made (pass 1 also computes the sample's
+columns before it: at most N / 8 of them). Bound: 2 value passes, then key passes (each leaves at
+most 1/15 of the bracket's keys, plus one: 9 reach a single key from any bracket), then at most 3
+final passes: 14. Typical: 2 (N <= ~32768), 3 (N = 262144); many exact ties need key passes
+(benchmarks/supcon_selection_model.py; benchmarks/results/supcon-selection-passes.md).
+
+Scratch: per-row state [8, M, rows] int32 between the kernels and candidate buffers [M, rows, CAP]
+(values and multiplicities); the launcher runs at most ROWS_PER_LAUNCH anchors per launch.
 """
 from __future__ import annotations
 
@@ -40,227 +49,274 @@ import torch
 import triton
 import triton.language as tl
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-LOG2E = 1.4426950408889634
+from .supcon_passes import _count_pass, _final_pass, _masks, _sample_cols, _select, _sim_tile
+from .supcon_select import (CAP, CHUNK, KEY_PASSES, READY, VALUE_PASSES, Z, _canonical, _from_key, _key, _narrow,
+                            _quantile, _sort_desc, sample_chunks)
 
-# (BM, BN) tiles, 8 warps: no register spills for sm_80 and sm_90 at every BK (ptxas -v on the
-# AOT-compiled PTX, tests/test_supcon_aot.py; 128x64 and 64x128 spill). float32 (FMA dot, BK = 16)
-# launches with BM = 64 only (128x32 spills on sm_80). The interpreter costs per program x loop
-# iteration, so it gets big tiles.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+LOG2E = tl.constexpr(1.4426950408889634)
+ROWS_PER_LAUNCH = 32768
+
+# (BM, BN): 128 rows on 8 warps, i.e. two warpgroups of 64 rows: a row never spans two warpgroups,
+# row reductions stay in a quad of lanes. configs_for picks one per launch. The interpreter costs
+# per program x loop iteration: big tiles.
 GPU_CONFIGS = [
-    triton.Config({"BM": 64, "BN": 64}, num_warps=8, num_stages=2),
     triton.Config({"BM": 128, "BN": 32}, num_warps=8, num_stages=2),
+    triton.Config({"BM": 128, "BN": 16}, num_warps=8, num_stages=2),
+    triton.Config({"BM": 128, "BN": 16}, num_warps=8, num_stages=1),
 ]
+# the sample kernel: 64 rows on 4 warps (its sorts and, with float32 or a K loop, the dot's operands
+# need the registers)
+SAMPLE_CONFIGS = [triton.Config({"BM": 64, "BN": 32}, num_warps=4, num_stages=2)]
 INTERPRETER_CONFIGS = [triton.Config({"BM": 128, "BN": 128}, num_warps=4, num_stages=1)]
 CONFIGS = INTERPRETER_CONFIGS if INTERPRET else GPU_CONFIGS
-MAX_HIST_PASSES = 8
+SAMPLE_CONFIGS = INTERPRETER_CONFIGS if INTERPRET else SAMPLE_CONFIGS
 
 
 def block_k(d: int, dtype: torch.dtype) -> int:
-    """The K tile (constexpr BK) the launcher uses for feature size d and dtype."""
+    """The K tile (constexpr BK) for feature size d: all of d (the anchor tile can stay resident,
+    ONE_K) from 32 up to 128 for 16-bit inputs, else 64; float32 (FMA dot) 16."""
     bk = max(16, triton.next_power_of_2(d))
     if INTERPRET:
         return bk
-    # float32: FMA dot, small K tile; 16-bit: 32..64 (BK = 16 spills at 64x64 on sm_80)
-    return 16 if dtype == torch.float32 else min(max(bk, 32), 64)
+    if dtype == torch.float32:
+        return 16
+    return max(bk, 32) if bk <= 128 else 64
 
 
-def configs_for(dtype: torch.dtype, configs=None):
-    """The autotune configs launched for z of this dtype (float32: BM = 64 only)."""
+def tile_options(z: torch.Tensor, d: int, bk: int):
+    """(ONE_K, GROUPED): the anchor tile stays resident when one K tile holds d and the dot reads it
+    from shared memory (wgmma, sm_90; mma.sync on sm_80 would hold it in registers); the grouped
+    4-bit histogram counters (free reshape of a wgmma accumulator) with 16-bit inputs there."""
+    one_k = d <= bk and _hopper(z)
+    return one_k, one_k and z.dtype != torch.float32
+
+
+def configs_for(dtype: torch.dtype, d: int = 128, hopper: bool = True, configs=None, final: bool = False):
+    """The config launched: 128 x 32 with 16-bit inputs whose anchor tile stays resident on sm_90,
+    else 128 x 16 (fewer elements per thread: no register spills with the K loop); float32 (FMA
+    dot) 128 x 16, the counting kernel without software pipelining."""
     configs = CONFIGS if configs is None else configs
-    if INTERPRET:
+    if INTERPRET or len(configs) == 1:
         return configs[:1]
-    kept = [c for c in configs if dtype != torch.float32 or c.kwargs["BM"] == 64]
-    return kept or configs[:1]
+    if dtype == torch.float32:
+        want = (128, 16, 2 if final else 1)
+    else:
+        want = (128, 32 if hopper and d <= block_k(d, dtype) else 16, 2)
+    return [c for c in configs if (c.kwargs["BM"], c.kwargs["BN"], c.num_stages) == want][:1] or configs[:1]
+
+
+def _hopper(t: torch.Tensor) -> bool:
+    return INTERPRET or not t.is_cuda or torch.cuda.get_device_capability(t.device)[0] >= 9
 
 
 def _prune(configs, named_args, **kwargs):
-    return configs_for(named_args["z_ptr"].dtype, configs)
+    z = named_args["z_ptr"]
+    return configs_for(z.dtype, named_args["D"], _hopper(z), configs)
+
+
+def _prune_final(configs, named_args, **kwargs):
+    z = named_args["z_ptr"]
+    return configs_for(z.dtype, named_args["D"], _hopper(z), configs, final=True)
+
+
+# per-row state handed from kernel to kernel: int32 [STATE_FIELDS, M, rows] (floats as bits)
+LO, HI, C_GT, T, KNOWN, SHIFT, POSSUM, NPASS = (tl.constexpr(i) for i in range(8))
+STATE_FIELDS = 8
 
 
 @triton.jit
-def _key(s):
-    """Order-preserving uint32 key of float32 s; -0.0 and +0.0 get the same key."""
-    s = tl.where(s == 0.0, 0.0, s)
-    bits = s.to(tl.uint32, bitcast=True)
-    top = tl.full(bits.shape, 1, tl.uint32) << 31
-    return tl.where((bits >> 31) != 0, ~bits, bits | top)
-
-
-@triton.jit
-def _from_key(key):
-    """float32 value of an order-preserving key (inverse of _key; +0.0 for the key of 0)."""
-    top = tl.full(key.shape, 1, tl.uint32) << 31
-    bits = tl.where((key >> 31) != 0, key & ~top, ~key)
-    return bits.to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _sim_tile(z_m, r0, c0, N, D, stride_n, stride_d, BM: tl.constexpr, BN: tl.constexpr,
-              BK: tl.constexpr):
-    """S[BM, BN] = Z[r0:r0+BM] Z[c0:c0+BN]^T in float32: the one place similarities are computed
-    Every pass inlines this same code; the accumulation order is fixed by the dot's K loop, so the
-    passes see bit-identical values (noinline would serialise the wgmma pipeline and spill)."""
-    rows = r0 + tl.arange(0, BM)
-    cols = c0 + tl.arange(0, BN)
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for d0 in range(0, D, BK):
-        dk = d0 + tl.arange(0, BK)
+def _rows(labels_ptr, k_ptr, nneg_ptr, z_m, row_start, row_count, D, stride_n, stride_d,
+          BM: tl.constexpr, BK: tl.constexpr, ONE_K: tl.constexpr):
+    """This program's anchors: index within the launch, rows, mask, labels, k, nneg, the resident tile."""
+    local = tl.program_id(0) * BM + tl.arange(0, BM)
+    rows = row_start + local
+    rmask = local < row_count
+    lab_i = tl.load(labels_ptr + rows, mask=rmask, other=-1)
+    k_i = tl.where(lab_i >= 0, tl.load(k_ptr + rows, mask=rmask, other=0), 0)
+    nneg = tl.load(nneg_ptr + rows, mask=rmask, other=0)
+    a = 0.0
+    if ONE_K:                                             # anchor tile resident for all passes
+        dk = tl.arange(0, BK)
         a = tl.load(z_m + rows[:, None] * stride_n + dk[None, :] * stride_d,
-                    mask=(rows[:, None] < N) & (dk[None, :] < D), other=0.0)
-        b = tl.load(z_m + cols[None, :] * stride_n + dk[:, None] * stride_d,
-                    mask=(cols[None, :] < N) & (dk[:, None] < D), other=0.0)
-        if z_m.dtype.element_ty == tl.float32:
-            acc = tl.dot(a, b, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, b, acc)
-    return acc
+                    mask=rmask[:, None] & (dk[None, :] < D), other=0.0)
+    return local, rows, rmask, lab_i, k_i, nneg, a
 
 
+@triton.autotune(configs=SAMPLE_CONFIGS, key=["D"])
 @triton.jit
-def _masks(rows, cols, lab_i, lab_j, N):
-    """Negatives and positives of anchors `rows` among `cols`; label -1 rows are neither."""
-    valid = (rows[:, None] < N) & (cols[None, :] < N) & (lab_i[:, None] >= 0) & (lab_j[None, :] >= 0)
-    same = lab_i[:, None] == lab_j[None, :]
-    neg = valid & (same == 0)
-    pos = valid & same & (rows[:, None] != cols[None, :])
-    return neg, pos
+def supcon_sample_kernel(z_ptr, labels_ptr, k_ptr, nneg_ptr, state_ptr, N, D, row_start, row_count, n_chunks,
+                         stride_m, stride_n, stride_d, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                         ONE_K: tl.constexpr):
+    """The first bracket [lo, hi] of each row: the quantiles p -/+ Z sigma (p = k / nneg) of the
+    sample, interpolated in each sorted chunk of CHUNK columns and averaged over the chunks."""
+    m = tl.program_id(1)
+    z_m = z_ptr + m.to(tl.int64) * stride_m
+    local, rows, rmask, lab_i, k_i, nneg, a = _rows(labels_ptr, k_ptr, nneg_ptr, z_m, row_start, row_count, D,
+                                                    stride_n, stride_d, BM, BK, ONE_K)
+    s_cnt = tl.zeros((BM,), tl.int32)                     # the sample's negatives (labels only)
+    for c in range(n_chunks):
+        cols = _sample_cols(c, n_chunks, N, CHUNK)
+        lab_j = tl.load(labels_ptr + cols, mask=cols < N, other=-1)
+        s_cnt += tl.sum(_masks(rows, cols, lab_i, lab_j)[0].to(tl.int32), axis=1)
+    p = k_i.to(tl.float32) / tl.maximum(nneg, 1).to(tl.float32)
+    sig = tl.sqrt(p * (1.0 - p) / tl.maximum(s_cnt, 1).to(tl.float32))
+    f_hi = p - Z * sig
+    f_lo = p + Z * sig
+    acc_hi = tl.zeros((BM,), tl.float32)
+    acc_lo = tl.zeros((BM,), tl.float32)
+    used = tl.zeros((BM,), tl.float32)
+    for c in range(n_chunks):
+        cols = _sample_cols(c, n_chunks, N, CHUNK)
+        lab_j = tl.load(labels_ptr + cols, mask=cols < N, other=-1)
+        s = _sim_tile(a, z_m, rows, cols, N, D, stride_n, stride_d, BM, CHUNK, BK, ONE_K)
+        neg = _masks(rows, cols, lab_i, lab_j)[0]
+        v = _sort_desc(tl.where(neg, s, float("-inf")))
+        sc = tl.sum(neg.to(tl.int32), axis=1)
+        acc_hi += _quantile(v, sc, f_hi, CHUNK)
+        acc_lo += _quantile(v, sc, f_lo, CHUNK)
+        used += (sc > 0).to(tl.float32)
+    inv = 1.0 / tl.maximum(used, 1.0)
+    lo = tl.where(used > 0, _key(acc_lo * inv), 0x007FFFFF)      # no sample: [-inf, +inf]
+    hi = tl.where(used > 0, _key(acc_hi * inv), 0xFF800000)
+    state = state_ptr + m.to(tl.int64) * row_count + local
+    plane = tl.num_programs(1).to(tl.int64) * row_count
+    tl.store(state + LO * plane, lo.to(tl.int32, bitcast=True), mask=rmask)
+    tl.store(state + HI * plane, hi.to(tl.int32, bitcast=True), mask=rmask)
 
 
 @triton.autotune(configs=CONFIGS, key=["D"], prune_configs_by={"early_config_prune": _prune})
 @triton.jit
-def supcon_forward_kernel(z_ptr, labels_ptr, k_ptr, nneg_ptr, delta_ptr, theta_ptr, logd_ptr, possum_ptr,
-                          passes_ptr, N, D, row_start, row_count, stride_m, stride_n, stride_d, inv_tau,
-                          passes_stride, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    pid = tl.program_id(0)
+def supcon_count_kernel(z_ptr, labels_ptr, k_ptr, nneg_ptr, state_ptr, N, D, row_start, row_count,
+                        stride_m, stride_n, stride_d, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                        ONE_K: tl.constexpr, GROUPED: tl.constexpr):
+    """Pass 1 and the counting passes: each row's bracket [lo, hi] narrowed until it holds <= READY
+    negatives or a single value (then t_i is known)."""
     m = tl.program_id(1)
     z_m = z_ptr + m.to(tl.int64) * stride_m
-    r0 = row_start + pid * BM
-    rows = r0 + tl.arange(0, BM)
-    rmask = rows < row_start + row_count
-    lab_i = tl.load(labels_ptr + rows, mask=rmask, other=-1)
-    k_i = tl.load(k_ptr + rows, mask=rmask, other=0)
-    k_i = tl.where(lab_i >= 0, k_i, 0)
-    nneg = tl.load(nneg_ptr + rows, mask=rmask, other=0)   # number of negatives of each anchor
-    delta = tl.load(delta_ptr + m)
+    local, rows, rmask, lab_i, k_i, nneg, a = _rows(labels_ptr, k_ptr, nneg_ptr, z_m, row_start, row_count, D,
+                                                    stride_n, stride_d, BM, BK, ONE_K)
+    has = k_i > 0
+    state = state_ptr + m.to(tl.int64) * row_count + local
+    plane = tl.num_programs(1).to(tl.int64) * row_count
+    lo = tl.load(state + LO * plane, mask=rmask, other=0).to(tl.uint32, bitcast=True)
+    hi = tl.load(state + HI * plane, mask=rmask, other=0).to(tl.uint32, bitcast=True)
 
-    # ---- pass 1: initial bracket (min / max negative key), positives, row max
-    # keys below 2^31 are negative values, keys >= 2^31 are >= +0.0: the bracket starts on the
-    # side of zero that holds t_i (one pass of bits saved: floats near 0 fill half the key space)
-    # (few per-row accumulators: each costs registers in every thread holding the row)
-    maxkey = tl.zeros((BM,), tl.uint32)                   # all negatives
-    max_below0 = tl.zeros((BM,), tl.uint32)               # negatives with value < 0
-    min_above0 = tl.full((BM,), 0xFFFFFFFF, tl.uint32)    # negatives with value >= 0
-    n_above0 = tl.zeros((BM,), tl.int32)
-    possum = tl.zeros((BM,), tl.float32)
-    rowmax = tl.full((BM,), float("-inf"), tl.float32)
-    for j0 in range(0, N, BN):
-        cols = j0 + tl.arange(0, BN)
-        lab_j = tl.load(labels_ptr + cols, mask=cols < N, other=-1)
-        s = _sim_tile(z_m, r0, j0, N, D, stride_n, stride_d, BM, BN, BK)
-        neg, pos = _masks(rows, cols, lab_i, lab_j, N)
-        key = _key(s)
-        maxkey = tl.maximum(maxkey, tl.max(tl.where(neg, key, tl.zeros((BM, BN), tl.uint32)), axis=1))
-        above0 = neg & ((key >> 31) != 0)
-        below0 = neg & ((key >> 31) == 0)
-        n_above0 += tl.sum(above0.to(tl.int32), axis=1)
-        max_below0 = tl.maximum(max_below0, tl.max(tl.where(below0, key, tl.zeros((BM, BN), tl.uint32)), axis=1))
-        min_above0 = tl.minimum(min_above0, tl.min(tl.where(above0, key, tl.full((BM, BN), 0xFFFFFFFF, tl.uint32)),
-                                                   axis=1))
-        possum += tl.sum(tl.where(pos, s, 0.0), axis=1)
-        rowmax = tl.maximum(rowmax, tl.max(tl.where(neg | pos, s, float("-inf")), axis=1))
+    # ---- pass 1: bins of the sample's bracket, from all negatives ([min, max], none above it)
+    counts, maxall, minneg, possum, w, c0, klo, khi, mult, small = _count_pass(
+        a, z_m, labels_ptr, rows, lab_i, has, lo, hi, N, D, stride_n, stride_d, BM, BN, BK, ONE_K, GROUPED, True, True)
+    lo_all, hi_all = _canonical(_key(minneg), _key(maxall))
+    lo, hi, c_gt, c_in = _narrow(counts, lo_all, hi_all, tl.zeros((BM,), tl.int32), nneg, k_i,
+                                 has & (w != 0.0), w, c0, klo, khi, mult, small, True)
+    t = tl.where(k_i == nneg, minneg, _from_key(lo))
+    known = has & ((k_i == nneg) | (lo == hi))
     npass = 1
 
-    # ---- passes 2..: 16-bin histogram narrowing of [lo, hi] in key space
-    t_above0 = n_above0 >= k_i       # t_i >= 0: bracket [min key >= +0, max key], else [0, max key < 0]
-    lo = tl.where(t_above0, min_above0, tl.zeros((BM,), tl.uint32))
-    hi = tl.where(t_above0, maxkey, max_below0)
-    c_lo = tl.where(t_above0, n_above0, nneg)      # count(key >= lo); invariant: count(key > hi) < k
-    done = (k_i <= 0) | (c_lo == k_i) | (lo == hi)
-    bins = tl.arange(0, 16)
-    field = (tl.where(bins < 8, bins, bins - 8) * 8).to(tl.uint64)
-    nhist = 0
+    # ---- counting passes while a bracket holds more than READY negatives (value, then key bins)
+    active = has & (known == 0) & (c_in > READY)
+    n_active = tl.sum(active.to(tl.int32), axis=0)
+    while n_active > 0:
+        if npass < VALUE_PASSES:
+            counts, _, _, _, w, c0, klo, khi, mult, small = _count_pass(
+                a, z_m, labels_ptr, rows, lab_i, active, lo, hi, N, D, stride_n, stride_d,
+                BM, BN, BK, ONE_K, GROUPED, True, False)
+            lo, hi, c_gt, c_in = _narrow(counts, lo, hi, c_gt, c_in, k_i, active & (w != 0.0),
+                                         w, c0, klo, khi, mult, small, True)
+        else:
+            counts, _, _, _, w, c0, klo, khi, mult, small = _count_pass(
+                a, z_m, labels_ptr, rows, lab_i, active, lo, hi, N, D, stride_n, stride_d,
+                BM, BN, BK, ONE_K, GROUPED, False, False)
+            lo, hi, c_gt, c_in = _narrow(counts, lo, hi, c_gt, c_in, k_i, active, w, c0, klo, khi,
+                                         mult, small, False)
+        t = tl.where(active & (lo == hi), _from_key(lo), t)
+        known = known | (active & (lo == hi))
+        active = has & (known == 0) & (c_in > READY)
+        npass += 1
+        # never reached: from any bracket, KEY_PASSES key passes reach a single key
+        n_active = tl.sum(active.to(tl.int32), axis=0) * (npass < VALUE_PASSES + KEY_PASSES).to(tl.int32)
+
+    tl.store(state + LO * plane, lo.to(tl.int32, bitcast=True), mask=rmask)
+    tl.store(state + HI * plane, hi.to(tl.int32, bitcast=True), mask=rmask)
+    tl.store(state + C_GT * plane, c_gt, mask=rmask)
+    tl.store(state + T * plane, t.to(tl.int32, bitcast=True), mask=rmask)
+    tl.store(state + KNOWN * plane, known.to(tl.int32), mask=rmask)
+    tl.store(state + SHIFT * plane, maxall.to(tl.int32, bitcast=True), mask=rmask)
+    tl.store(state + POSSUM * plane, possum.to(tl.int32, bitcast=True), mask=rmask)
+    tl.store(state + NPASS * plane, tl.zeros((BM,), tl.int32) + npass, mask=rmask)
+
+
+@triton.autotune(configs=CONFIGS, key=["D"], prune_configs_by={"early_config_prune": _prune_final})
+@triton.jit
+def supcon_final_kernel(z_ptr, labels_ptr, k_ptr, nneg_ptr, delta_ptr, state_ptr, cand_ptr, mult_ptr, theta_ptr,
+                        logd_ptr, possum_ptr, passes_ptr, N, D, row_start, row_count, stride_m, stride_n,
+                        stride_d, out_stride, passes_stride, inv_tau, BM: tl.constexpr, BN: tl.constexpr,
+                        BK: tl.constexpr, ONE_K: tl.constexpr):
+    """The final passes: D_i, theta_i. Mode 0: t_i known (hard: s >= t_i - delta); 1: candidates
+    are the negatives in [lo - delta, hi]; 2: in [lo, hi] (after more than CAP distinct in 1)."""
+    m = tl.program_id(1)
+    z_m = z_ptr + m.to(tl.int64) * stride_m
+    local, rows, rmask, lab_i, k_i, nneg, a = _rows(labels_ptr, k_ptr, nneg_ptr, z_m, row_start, row_count, D,
+                                                    stride_n, stride_d, BM, BK, ONE_K)
+    has = k_i > 0
+    delta = tl.load(delta_ptr + m)
+    state = state_ptr + m.to(tl.int64) * row_count + local
+    plane = tl.num_programs(1).to(tl.int64) * row_count
+    lo = tl.load(state + LO * plane, mask=rmask, other=0).to(tl.uint32, bitcast=True)
+    hi = tl.load(state + HI * plane, mask=rmask, other=0).to(tl.uint32, bitcast=True)
+    c_gt = tl.load(state + C_GT * plane, mask=rmask, other=0)
+    t = tl.load(state + T * plane, mask=rmask, other=0).to(tl.float32, bitcast=True)
+    known = tl.load(state + KNOWN * plane, mask=rmask, other=0) != 0
+    maxall = tl.load(state + SHIFT * plane, mask=rmask, other=0).to(tl.float32, bitcast=True)
+    possum = tl.load(state + POSSUM * plane, mask=rmask, other=0).to(tl.float32, bitcast=True)
+    npass = tl.max(tl.load(state + NPASS * plane, mask=rmask, other=0), axis=0)
+    scratch = (m.to(tl.int64) * row_count + local) * CAP  # this row's candidate buffer
+    cand_row = cand_ptr + scratch
+    mult_row = mult_ptr + scratch
+
+    shift = tl.where(maxall > float("-inf"), maxall, 0.0)  # the largest term of D: its exp is 1
+    c2 = tl.full((BM,), 1.0, tl.float32) * (inv_tau * LOG2E)
+    off = shift * c2
+    mode = tl.where(known | (has == 0), 0, 1)
+    done = rmask == 0
+    theta_o = tl.full((BM,), float("inf"), tl.float32)
+    logd_o = tl.zeros((BM,), tl.float32)
     remaining = tl.sum((done == 0).to(tl.int32), axis=0)
     while remaining > 0:
-        width = hi - lo
-        shift = tl.zeros((BM,), tl.uint32)
-        for bit in tl.static_range(28):
-            shift += ((width >> (bit + 4)) != 0).to(tl.uint32)
-        hist = tl.zeros((BM, 16), tl.int32)
-        for j0 in range(0, N, BN):
-            cols = j0 + tl.arange(0, BN)
-            lab_j = tl.load(labels_ptr + cols, mask=cols < N, other=-1)
-            s = _sim_tile(z_m, r0, j0, N, D, stride_n, stride_d, BM, BN, BK)
-            neg, pos = _masks(rows, cols, lab_i, lab_j, N)
-            key = _key(s)
-            inside = neg & (done[:, None] == 0) & (key >= lo[:, None]) & (key <= hi[:, None])
-            bin_ = (key - lo[:, None]) >> shift[:, None]
-            zero64 = tl.zeros((BM, BN), tl.uint64)
-            one = tl.where(inside, tl.full((BM, BN), 1, tl.uint64) << ((bin_ & 7) * 8).to(tl.uint64), zero64)
-            acc_a = tl.sum(tl.where(bin_ < 8, one, zero64), axis=1)
-            acc_b = tl.sum(tl.where(bin_ < 8, zero64, one), axis=1)
-            fa = (acc_a[:, None] >> field[None, :]) & 0xFF
-            fb = (acc_b[:, None] >> field[None, :]) & 0xFF
-            hist += tl.where(bins[None, :] < 8, fa, fb).to(tl.int32)
-        # count(key >= lo + b * 2^shift) = c_lo - (number inside the bracket in bins < b)
-        below = tl.cumsum(hist, axis=1) - hist
-        cnt_ge = c_lo[:, None] - below
-        best = tl.sum((cnt_ge >= k_i[:, None]).to(tl.int32), axis=1) - 1   # >= 0: bin 0 qualifies
-        pick = bins[None, :] == best[:, None]
-        new_c_lo = tl.sum(tl.where(pick, cnt_ge, 0), axis=1)
-        new_lo64 = lo.to(tl.int64) + (best.to(tl.int64) << shift.to(tl.int64))
-        new_hi64 = new_lo64 + (tl.full((BM,), 1, tl.int64) << shift.to(tl.int64)) - 1
-        new_hi64 = tl.minimum(new_hi64, hi.to(tl.int64))
-        lo = tl.where(done, lo, new_lo64.to(tl.uint32))
-        hi = tl.where(done, hi, new_hi64.to(tl.uint32))
-        c_lo = tl.where(done, c_lo, new_c_lo)
-        done = done | (c_lo == k_i) | (lo == hi)
-        nhist += 1
-        # at most 8 passes: each one removes 4 bits of the bracket width (guard, never reached)
-        remaining = tl.sum((done == 0).to(tl.int32), axis=0) * (nhist < 8).to(tl.int32)
-    npass += nhist
-
-    # ---- t pass (only where some row ended with count(key >= lo) == k and lo < hi): t_i is the
-    # smallest negative with key >= lo; where lo == hi, lo is t_i's key
-    has_k = k_i > 0
-    t = _from_key(lo)
-    if tl.sum((has_k & (lo != hi)).to(tl.int32), axis=0) > 0:
-        t_min = tl.full((BM,), float("inf"), tl.float32)
-        for j0 in range(0, N, BN):
-            cols = j0 + tl.arange(0, BN)
-            lab_j = tl.load(labels_ptr + cols, mask=cols < N, other=-1)
-            s = _sim_tile(z_m, r0, j0, N, D, stride_n, stride_d, BM, BN, BK)
-            neg, pos = _masks(rows, cols, lab_i, lab_j, N)
-            t_min = tl.minimum(t_min, tl.min(tl.where(neg & (_key(s) >= lo[:, None]), s, float("inf")), axis=1))
-        t = tl.where(lo != hi, t_min, t)
+        lo_v = _from_key(lo)
+        collect = (mode > 0) & (done == 0)
+        above_from = tl.where(mode == 0, tl.where(has, t - delta, float("inf")), _from_key(hi + 1))
+        low = tl.where(collect, tl.where(mode == 1, lo_v - delta, lo_v), float("inf"))
+        sum_e, min_above, max_below, n_cand = _final_pass(
+            a, z_m, labels_ptr, rows, lab_i, above_from, low, c2, off, cand_row, mult_row, N, D, stride_n, stride_d,
+            BM, BN, BK, ONE_K)
+        tl.debug_barrier()                                 # the candidates are read back by other threads
+        ok = collect & (n_cand <= CAP)
+        t_sel, sum_c, min_c, max_c = _select(cand_row, mult_row, n_cand, ok, k_i - c_gt, lo, hi, delta, c2, off, BM)
+        fin0 = (done == 0) & (mode == 0)
+        fin_c = (done == 0) & (((mode == 1) & ok) | ((mode == 2) & (t_sel - delta >= lo_v)))
+        d_sum = tl.where(fin0, sum_e, sum_e + sum_c)
+        min_h = tl.where(fin0, min_above, min_c)
+        max_n = tl.where(fin0, max_below, tl.maximum(max_below, max_c))
+        mid = 0.5 * tl.minimum(min_h, 3.0e38) + 0.5 * tl.maximum(max_n, -3.0e38)
+        mid = tl.where((mid > max_n) & (mid <= min_h), mid, min_h)
+        theta = tl.where(has, tl.where(max_n == float("-inf"), float("-inf"), mid), float("inf"))
+        logd = tl.where(d_sum > 0, shift * inv_tau + tl.log(tl.where(d_sum > 0, d_sum, 1.0)), 0.0)
+        fin = fin0 | fin_c
+        theta_o = tl.where(fin, theta, theta_o)
+        logd_o = tl.where(fin, logd, logd_o)
+        to_known = (done == 0) & (mode == 2) & (fin_c == 0)
+        t = tl.where(to_known, t_sel, t)
+        mode = tl.where(to_known, 0, tl.where((done == 0) & (mode == 1) & (ok == 0), 2, mode))
+        done = done | fin
         npass += 1
+        remaining = tl.sum((done == 0).to(tl.int32), axis=0)
+        tl.debug_barrier()                                 # before the next pass overwrites them
 
-    # ---- last pass: denominator over positives and hard negatives (s >= t_i - delta)
-    scale = inv_tau * 1.4426950408889634
-    thr = tl.where(has_k, t - delta, float("inf"))
-    sumexp = tl.zeros((BM,), tl.float32)
-    t_hard = tl.full((BM,), float("inf"), tl.float32)      # smallest hard negative
-    t_below = tl.full((BM,), float("-inf"), tl.float32)    # largest other negative
-    for j0 in range(0, N, BN):
-        cols = j0 + tl.arange(0, BN)
-        lab_j = tl.load(labels_ptr + cols, mask=cols < N, other=-1)
-        s = _sim_tile(z_m, r0, j0, N, D, stride_n, stride_d, BM, BN, BK)
-        neg, pos = _masks(rows, cols, lab_i, lab_j, N)
-        hard = neg & (s >= thr[:, None])
-        den = hard | pos
-        sumexp += tl.sum(tl.where(den, tl.exp2((s - rowmax[:, None]) * scale), 0.0), axis=1)
-        t_hard = tl.minimum(t_hard, tl.min(tl.where(hard, s, float("inf")), axis=1))
-        t_below = tl.maximum(t_below, tl.max(tl.where(neg & (hard == 0), s, float("-inf")), axis=1))
-    npass += 1
-    logd = tl.where(sumexp > 0, rowmax * inv_tau + tl.log(tl.where(sumexp > 0, sumexp, 1.0)), 0.0)
-    mid = 0.5 * tl.minimum(t_hard, 3.0e38) + 0.5 * tl.maximum(t_below, -3.0e38)
-    mid = tl.where((mid > t_below) & (mid <= t_hard), mid, t_hard)
-    theta = tl.where(has_k, tl.where(t_below == float("-inf"), float("-inf"), mid), float("inf"))
-    out = m.to(tl.int64) * row_count + (rows - row_start)
-    tl.store(theta_ptr + out, theta, mask=rmask)
-    tl.store(logd_ptr + out, logd, mask=rmask)
+    out = m.to(tl.int64) * out_stride + local
+    tl.store(theta_ptr + out, theta_o, mask=rmask)
+    tl.store(logd_ptr + out, logd_o, mask=rmask)
     tl.store(possum_ptr + out, possum, mask=rmask)
-    tl.store(passes_ptr + m * passes_stride + pid, npass)
+    tl.store(passes_ptr + m * passes_stride + tl.program_id(0), npass)
 
 
 def supcon_forward(z: torch.Tensor, labels: torch.Tensor, k: torch.Tensor, nneg: torch.Tensor,
@@ -270,9 +326,11 @@ def supcon_forward(z: torch.Tensor, labels: torch.Tensor, k: torch.Tensor, nneg:
     z: float32 / float16 / bfloat16, any strides. labels: int32 [N] class ids >= 0, or -1 for an
     ignored row (neither anchor nor candidate). k, nneg: int32 [N], the number of hard negatives
     and of negatives of each anchor (0 for ignored rows). delta: float32 [M], the tie tolerance of
-    each modality (a negative is hard iff s >= t_i - delta_m, evaluated in float32).
-    Returns (theta, logd, possum, passes): float32 [M, row_count] x 3 (`out` = preallocated buffers
-    for them) and int32 [M, programs]: the passes over the similarity tiles each program made.
+    each modality: a negative is hard iff s >= t_i - delta_m, evaluated in float32. Any z: the
+    exponentials are shifted by each row's largest negative or positive similarity.
+    Returns (theta, logd, possum, passes): float32 [M, row_count] x 3 (`out` = preallocated
+    buffers for them, unit stride along rows) and int32 [M, cdiv(row_count, BM)]: the sweeps
+    over all column tiles each program made (see the module docstring).
     """
     m, n, d = z.shape
     row_count = n - row_start if row_count is None else row_count
@@ -281,17 +339,29 @@ def supcon_forward(z: torch.Tensor, labels: torch.Tensor, k: torch.Tensor, nneg:
     if out is None:
         out = tuple(torch.empty(m, row_count, device=z.device, dtype=torch.float32) for _ in range(3))
     theta, logd, possum = out
-    min_bm = min(c.kwargs["BM"] for c in configs_for(z.dtype))
-    passes = torch.zeros(m, triton.cdiv(row_count, min_bm), device=z.device, dtype=torch.int32)
+    assert all(t.shape == (m, row_count) and (row_count <= 1 or t.stride(1) == 1) for t in out)
+    bm = configs_for(z.dtype, d, _hopper(z))[0].kwargs["BM"]
+    passes = torch.zeros(m, triton.cdiv(row_count, bm), device=z.device, dtype=torch.int32)
     if row_count == 0 or m == 0:
         return theta, logd, possum, passes
-
-    def grid(meta):
-        return (triton.cdiv(row_count, meta["BM"]), m)
-
-    supcon_forward_kernel[grid](z, labels.contiguous(), k.contiguous(), nneg.contiguous(), delta.contiguous(),
-                                theta, logd, possum, passes, n, d, row_start, row_count, z.stride(0),
-                                z.stride(1), z.stride(2), 1.0 / temperature, passes.stride(0),
-                                BK=block_k(d, z.dtype))
-    bm = (supcon_forward_kernel.best_config or configs_for(z.dtype)[0]).kwargs["BM"]
-    return theta, logd, possum, passes[:, :triton.cdiv(row_count, bm)]
+    labels, k, nneg = (t.to(torch.int32).contiguous() for t in (labels, k, nneg))
+    delta = delta.to(device=z.device, dtype=torch.float32).contiguous()
+    rows = min(row_count, ROWS_PER_LAUNCH)
+    state = torch.empty(STATE_FIELDS, m, rows, device=z.device, dtype=torch.int32)
+    cand = torch.empty(m, rows, CAP, device=z.device, dtype=torch.float32)
+    mult = torch.empty(m, rows, CAP, device=z.device, dtype=torch.int32)
+    bk = block_k(d, z.dtype)
+    one_k, grouped = tile_options(z, d, bk)
+    strides = (z.stride(0), z.stride(1), z.stride(2))
+    for r0 in range(0, row_count, ROWS_PER_LAUNCH):
+        count = min(ROWS_PER_LAUNCH, row_count - r0)
+        grid = (triton.cdiv(count, bm), m)
+        sample_grid = (triton.cdiv(count, SAMPLE_CONFIGS[0].kwargs["BM"]), m)
+        supcon_sample_kernel[sample_grid](z, labels, k, nneg, state, n, d, row_start + r0, count, sample_chunks(n), *strides,
+                                   BK=bk, ONE_K=one_k)
+        supcon_count_kernel[grid](z, labels, k, nneg, state, n, d, row_start + r0, count, *strides, BK=bk, ONE_K=one_k,
+                                  GROUPED=grouped)
+        supcon_final_kernel[grid](z, labels, k, nneg, delta, state, cand, mult, theta[:, r0:], logd[:, r0:],
+                                  possum[:, r0:], passes[:, r0 // bm:], n, d, row_start + r0, count, *strides,
+                                  theta.stride(0), passes.stride(0), 1.0 / temperature, BK=bk, ONE_K=one_k)
+    return theta, logd, possum, passes

@@ -196,3 +196,79 @@ def test_random_unit_vectors():
     assert rows.float().mean() > 0.9
     torch.testing.assert_close(logd[0, rows].double(), w_logd[0, rows], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(possum.double(), w_possum, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------ adversarial selection cases
+def coarse(m, n, d=8, seed=0, scale=0.25):
+    """Entries in {-1, 0, 1} * scale: few distinct similarities, many exact ties everywhere."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(-1, 2, (m, n, d), generator=gen).float() * scale
+
+
+@pytest.mark.parametrize("hard_ratio", [0.3, 0.001, 1.0])
+def test_many_exact_ties(hard_ratio):
+    check(coarse(1, 300, seed=11), labels_of(300, 4, seed=11, ignored=0.05), hard_ratio=hard_ratio)
+
+
+def test_every_negative_equal():
+    z = dyadic(1, 260, seed=12)
+    labels = (torch.arange(260) % 2).long()
+    z[0, labels == 1] = z[0, 1].clone()          # anchors of class 0: all negatives alike
+    got, _ = check(z, labels, hard_ratio=0.3)
+    assert (got[0][0, labels == 0] == -math.inf).all()
+
+
+def test_threshold_in_a_dense_cluster():
+    """Class means plus a little dyadic noise: negatives of one class crowd around one value."""
+    gen = torch.Generator().manual_seed(13)
+    labels = labels_of(400, 5, seed=13)
+    means = torch.randint(-8, 9, (5, 32), generator=gen).float() / 32
+    z = means[labels] + torch.randint(-1, 2, (400, 32), generator=gen).float() / 256
+    check(z[None], labels, hard_ratio=0.3, delta=2.0 ** -12)
+
+
+def test_similarities_near_zero():
+    """Sparse rows on disjoint supports: most similarities are exactly 0, some -0.0 (rows of -0.0)."""
+    n, d = 300, 64
+    gen = torch.Generator().manual_seed(14)
+    z = torch.zeros(1, n, d)
+    z[0, torch.arange(n), torch.randint(0, d, (n,), generator=gen)] = torch.randint(1, 4, (n,), generator=gen) / 4.0
+    z[0, ::7] = -0.0
+    z[0, 5::11] *= -1
+    check(z, labels_of(n, 6, seed=14), hard_ratio=0.3)
+
+
+def test_large_norms_temperature_one():
+    """Integer entries up to 64 (not normalised): |s| up to ~1e5, exact in float32; tau = 1."""
+    z = dyadic(1, 280, seed=15) * 2048
+    check(z, labels_of(280, 5, seed=15, ignored=0.05), temperature=1.0, delta=0.5)
+
+
+# ------------------------------------------------------------------ pass counts: model == kernel
+def test_selection_model_reproduces_the_pass_counts():
+    """benchmarks/supcon_selection_model.py takes the kernels' decisions: on exact (dyadic) data it
+    gives the interpreter's passes per program, including key passes and the final-pass fallbacks."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import numpy as np
+    import supcon_selection_model as model
+    from mcncl_fast.kernels import supcon, supcon_select
+
+    for name in ("BINS", "ABOVE", "CHUNK", "SAMPLE_DIV", "MAX_CHUNKS", "Z", "CAP", "READY", "VALUE_PASSES",
+                 "KEY_PASSES"):
+        assert getattr(model, name) == getattr(supcon_select, name).value, name
+    config = supcon.configs_for(torch.float32, 32)[0].kwargs
+    cases = [(dyadic(1, 600, seed=16), 7, 0.3, 2.0 ** -18, 19),     # typical: 2 passes
+             (coarse(1, 700, seed=5), 4, 0.3, 2.0 ** -18, 2),          # ties: key passes
+             (dyadic(1, 520, seed=6), 5, 0.3, 0.3, 2)]                 # huge delta: candidate overflow, fallbacks
+    seen = set()
+    for z, classes, ratio, delta, label_seed in cases:
+        labels = labels_of(z.shape[1], classes, seed=label_seed, ignored=0.05)
+        k, nneg = label_counts(labels, ratio)
+        got = run_kernel(z, labels, k, nneg, torch.tensor([delta]), 0.5)[3][0].tolist()
+        want = model.simulate(z[0].numpy(), labels.numpy().astype(np.int32), bm=config["BM"], bn=config["BN"],
+                              k=k.numpy(), nneg=nneg.numpy(), delta=delta)
+        assert got == want, (got, want)
+        seen.update(got)
+    assert len(seen) >= 3, seen
