@@ -1,11 +1,11 @@
-"""Fused Pyramid Squeeze Attention, forward (DESIGN.md §3, §4.1; issue #5).
+"""Fused Pyramid Squeeze Attention, forward (DESIGN.md §3, §4.1).
 
 x [N, L, C], Q = C/4 channels per branch s = 0..3, kernel K_s = 2s + 3, zero padding s + 1.
-The four conv weights are packed into one flat buffer (branch s at offset Q*Q*s*(s+2), transposed
-to [K_s, Q_in, Q_out] so each tap is one contiguous [Q_in, Q_out] matrix) so one kernel serves
-every branch.
+Every kernel reads the four conv weights (and biases) where they are, in their own [Q_out, Q_in, K_s]
+layout: a program picks its branch's tensor (branch_pointer), so no packed copy is built per call
+(it would cost device operations on every training step, as the optimizer updates the weights).
 
-Kernels (one launch each):
+Kernels (one launch each; psa's forward is these three launches and no other device operation):
   _psa_conv_fwd_kernel   grid (row blocks, 4 branches x output-channel blocks). One pass over x:
                          the branch conv as K_s small matmuls tl.dot([frames, Q_in], W_j[Q_in, Q_out])
                          over shifted frame windows (input zeroed at padded frames), + bias; stores the
@@ -18,7 +18,7 @@ convolution of windowed sums of x, so it never materialises [N, L, C].
 The SE MLP is a separate small kernel rather than fused into the conv kernel: the gate of a row
 needs the squeeze of all four branches, which live in four different programs. Fusing the gate
 into the conv pass would need one program per row holding [L, C] of y in registers (or a second
-conv pass); not measured on a GPU (none was lent to this task) — the split is the simple choice.
+conv pass); not measured on a GPU — the split is the simple choice.
 
 Tiles: a program covers BLOCK_N = BLOCK_M // BLOCK_L whole rows x BLOCK_L frames, flattened to
 BLOCK_M matmul rows; per-row sums reshape [BLOCK_M, .] -> [BLOCK_N, BLOCK_L, .]. Longer rows loop
@@ -34,6 +34,8 @@ import triton
 import triton.language as tl
 
 BRANCHES = 4
+TAPS = 3 + 5 + 7 + 9                 # taps of the four branches together (K_s = 3, 5, 7, 9)
+TAPS_CONST = tl.constexpr(TAPS)      # the same, for use inside kernels
 
 
 def interpreting() -> bool:
@@ -48,6 +50,12 @@ def prune_first_in_interpreter(configs, named_args, **kwargs):
 def block_l(args):
     """Frames per tile: the row length rounded up to a power of two, at most BLOCK_M."""
     return min(triton.next_power_of_2(max(int(args["L"]), 1)), args["BLOCK_M"])
+
+
+def block_l_rows16(args):
+    """Frames per tile of kernels that matmul per-row sums ([BLOCK_N, .] dot operands): at most
+    BLOCK_M // 16, so a tile holds >= 16 rows (the tl.dot minimum when compiled)."""
+    return min(triton.next_power_of_2(max(int(args["L"]), 1)), args["BLOCK_M"] // 16)
 
 
 def block_q(q: int) -> int:
@@ -72,8 +80,10 @@ ELEMENTWISE_CONFIGS = [
     triton.Config({"BLOCK_M": 64, "BLOCK_C": 256}, num_warps=8, num_stages=1),
     triton.Config({"BLOCK_M": 32, "BLOCK_C": 128}, num_warps=4, num_stages=1),
 ]
+# the row-block kernels (SE forward / backward, parameter gradients): the fp32 dots of 64-wide blocks
+# on 4 warps spilled registers on sm_90; 32-wide blocks on 8 warps do not
 SE_CONFIGS = [
-    triton.Config({"BLOCK_R": 32, "BLOCK_C": 64}, num_warps=4, num_stages=1),
+    triton.Config({"BLOCK_R": 32, "BLOCK_C": 32}, num_warps=8, num_stages=1),
 ]
 PRUNE = {"early_config_prune": prune_first_in_interpreter}
 
@@ -109,6 +119,35 @@ def frame_ok(mask_ptr, rows64, t, ok, L, HAS_MASK: tl.constexpr):
 
 
 @triton.jit
+def count_valid_frames(mask_ptr, rows64, row_ok, L, HAS_MASK: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Valid frames of each row, fp32 [rows] (L without a mask). Recomputed where needed from the
+    uint8 mask (N x L bytes) rather than saved: it spares an output and the ATen ops that made it."""
+    if HAS_MASK:
+        count = tl.zeros(rows64.shape, tl.int32)
+        for t0 in range(0, L, BLOCK_T):
+            t = t0 + tl.arange(0, BLOCK_T)
+            m = tl.load(mask_ptr + rows64[:, None] * L + t[None, :], mask=row_ok[:, None] & (t < L)[None, :],
+                        other=0)
+            count += tl.sum((m != 0).to(tl.int32), axis=1)
+        return count.to(tl.float32)
+    else:
+        return tl.zeros(rows64.shape, tl.float32) + L
+
+
+@triton.jit
+def branch_pointer(s, ptr0, ptr1, ptr2, ptr3):
+    """The pointer of branch s (a runtime scalar) among the four branches' tensors."""
+    ptr = ptr0
+    if s == 1:
+        ptr = ptr1
+    elif s == 2:
+        ptr = ptr2
+    elif s == 3:
+        ptr = ptr3
+    return ptr
+
+
+@triton.jit
 def branch_tile(Q, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr):
     """Program coordinates of the frame-tiled kernels, grid (row blocks, 4 branches x channel blocks):
     the branch s, this program's channels of that branch, its first row, and for each of its BLOCK_M
@@ -125,19 +164,19 @@ def branch_tile(Q, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_L: tl.con
 @triton.autotune(configs=CONV_CONFIGS, key=["L", "C"], prune_configs_by=PRUNE)
 @triton.heuristics({"BLOCK_L": block_l})
 @triton.jit
-def _psa_conv_fwd_kernel(x_ptr, mask_ptr, w_ptr, b_ptr, y_ptr, z_ptr, N, L, C, Q,
-                         HAS_MASK: tl.constexpr, DOT_DTYPE: tl.constexpr,
+def _psa_conv_fwd_kernel(x_ptr, mask_ptr, w0_ptr, w1_ptr, w2_ptr, w3_ptr, b0_ptr, b1_ptr, b2_ptr, b3_ptr,
+                         y_ptr, z_ptr, N, L, C, Q, HAS_MASK: tl.constexpr, DOT_DTYPE: tl.constexpr,
                          BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr):
     BLOCK_N: tl.constexpr = BLOCK_M // BLOCK_L
     s, offs_o, row0, rows, tt = branch_tile(Q, BLOCK_Q, BLOCK_M, BLOCK_L)
     K = 2 * s + 3
     PAD = s + 1
-    w_base = w_ptr + Q * Q * s * (s + 2)
+    w_ptr = branch_pointer(s, w0_ptr, w1_ptr, w2_ptr, w3_ptr)          # W[o, i, j] at (o Q + i) K + j
     o_ok = offs_o < Q
     offs_i = tl.arange(0, BLOCK_Q)
     row_ok = rows < N
     rows64 = rows.to(tl.int64)
-    bias = tl.load(b_ptr + s * Q + offs_o, mask=o_ok, other=0.0).to(tl.float32)
+    bias = tl.load(branch_pointer(s, b0_ptr, b1_ptr, b2_ptr, b3_ptr) + offs_o, mask=o_ok, other=0.0).to(tl.float32)
     zsum = tl.zeros((BLOCK_N, BLOCK_Q), tl.float32)
     cnt = tl.zeros((BLOCK_N,), tl.float32)
     for t0 in range(0, L, BLOCK_L):
@@ -151,7 +190,7 @@ def _psa_conv_fwd_kernel(x_ptr, mask_ptr, w_ptr, b_ptr, y_ptr, z_ptr, N, L, C, Q
                 ci = i0 + offs_i
                 i_ok = ci < Q
                 xs = tl.load(x_row[:, None] + ci[None, :], mask=src_ok[:, None] & i_ok[None, :], other=0.0)
-                wt = tl.load(w_base + j * Q * Q + ci[:, None] * Q + offs_o[None, :],
+                wt = tl.load(w_ptr + (offs_o[None, :] * Q + ci[:, None]) * K + j,
                              mask=i_ok[:, None] & o_ok[None, :], other=0.0)          # W[o, i, j] as [i, o]
                 acc += tl.dot(xs.to(DOT_DTYPE), wt.to(DOT_DTYPE), input_precision="ieee")
         y = acc + bias[None, :]
@@ -224,10 +263,9 @@ def _psa_gate_apply_kernel(y_ptr, g_ptr, mask_ptr, out_ptr, N, L, C,
     tl.store(out_ptr + m64[:, None] * C + cc[None, :], out.to(out_ptr.dtype.element_ty), mask=ok2)
 
 
-def pack_conv(weights, biases):
-    """4 conv weights [Q_out, Q_in, K_s] -> one flat buffer of [K_s, Q_in, Q_out] blocks; 4 biases -> [C]."""
-    return (torch.cat([w.permute(2, 1, 0).reshape(-1) for w in weights]).contiguous(),
-            torch.cat(list(biases)).contiguous())
+def branch_args(tensors):
+    """The four branches' tensors as kernel arguments (contiguous: a no-op for parameters)."""
+    return [t.contiguous() for t in tensors]
 
 
 def mask_arg(x, frame_mask):
@@ -255,14 +293,13 @@ def psa_forward(x, weights, biases, fc1_w, fc1_b, fc2_w, fc2_b, frame_mask):
     x = x.contiguous()
     n, length, c = x.shape
     q = c // BRANCHES
-    w_packed, b_packed = pack_conv(weights, biases)
     mask, has_mask = mask_arg(x, frame_mask)
     z = empty((n, c), x, torch.float32)
     y = empty(x.shape, x)
     bq = block_q(q)
     _psa_conv_fwd_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_M"] // meta["BLOCK_L"]),
                                        BRANCHES * triton.cdiv(q, bq))](
-        x, mask, w_packed, b_packed, y, z, n, length, c, q,
+        x, mask, *branch_args(weights), *branch_args(biases), y, z, n, length, c, q,
         HAS_MASK=has_mask, DOT_DTYPE=dot_dtype(x.dtype), BLOCK_Q=bq)
     h, g, _ = se_forward(z, fc1_w, fc1_b, fc2_w, fc2_b, x, pool=False)
     out = empty(x.shape, x)

@@ -135,13 +135,14 @@ def test_parity(device, name, n, length, channels, dtype, mask):
 
 
 @pytest.mark.parametrize("device", kernel_devices())
+@pytest.mark.parametrize("name", ["psa", "psa_pool"])
 @pytest.mark.parametrize("channels", [24, 272], ids=["Q6-one-masked-block", "Q68-two-channel-blocks"])
-def test_parity_channel_blocks(device, channels):
+def test_parity_channel_blocks(device, name, channels):
     """C/4 not a power of two: masked channel blocks; C/4 > 64: several channel blocks per branch."""
     inputs = make_inputs(2, 3, channels, device=device, mask="scattered")
     mask = inputs[4]
     mask[1] = True
-    check_parity("psa", inputs, torch.float32)
+    check_parity(name, inputs, torch.float32)
 
 
 @pytest.mark.parametrize("device", kernel_devices())
@@ -201,6 +202,47 @@ def test_weight_gradients_deterministic(device):
         for what, a, b in zip(GRAD_NAMES, first, second):
             assert torch.equal(a, b), f"{name} {what}"
 
+
+
+def test_psa_pool_device_ops(monkeypatch):
+    """psa_pool forward + `.sum().backward()` of the model's PSA module: at most 10 device operations
+    (ATen compute ops + Triton launches, counted through the interpreter), with the parameters taken
+    as they are (no per-call repacking) and the expanded output gradient read in place."""
+    from benchmarks.device_ops import DeviceOps
+    from mcncl_fast.modules import PSA
+    monkeypatch.setattr(psa_kernels, "POISON", False)       # NaN-filled buffers are test-only fills
+    module = PSA(32)
+    x = torch.randn(5, 7, 32, requires_grad=True)
+    mask = make_mask(5, 7, "cpu", "random")
+    with DeviceOps() as ops:
+        with ops.component("forward"):
+            pooled = module.pool(x, mask)
+        with ops.component("backward"):
+            pooled.sum().backward()          # includes the harness's own sum and its ones_like gradient
+    counts = f"{ops.by_component()} (aten, triton): {ops.most_common()}"
+    table = ops.by_component()
+    assert table["forward"] == (0, 2), counts            # no ATen op: 2 Triton launches
+    assert table["backward"][1] == 3, counts             # 3 launches (+ the harness's sum / ones_like)
+    assert ops.total <= 10, counts
+    assert ops.syncs == [], counts
+    assert x.grad is not None and all(p.grad is not None for p in module.parameters())
+
+
+def test_psa_device_ops(monkeypatch):
+    """psa (unpooled) forward + backward from a dense output gradient: 3 + 5 Triton launches, no ATen op."""
+    from benchmarks.device_ops import DeviceOps
+    from mcncl_fast.modules import PSA
+    monkeypatch.setattr(psa_kernels, "POISON", False)
+    module = PSA(32)
+    x = torch.randn(5, 7, 32, requires_grad=True)
+    mask = make_mask(5, 7, "cpu", "random")
+    grad = torch.randn(5, 7, 32)
+    with DeviceOps() as ops:
+        with ops.component("forward"):
+            out = module(x, mask)
+        with ops.component("backward"):
+            out.backward(grad)
+    assert ops.by_component() == {"forward": (0, 3), "backward": (0, 5)}, ops.most_common()
 
 
 @pytest.mark.parametrize("device", kernel_devices())

@@ -105,6 +105,7 @@ def _setup_context(ctx, inputs, output):
     x, weights, fc1_w, fc2_w, frame_mask = _params(inputs)
     _, aux, z, h, g = output
     ctx.mark_non_differentiable(aux, z, h, g)
+    ctx.set_materialize_grads(False)     # no zero-filled gradients for the saved outputs (4 device ops)
     ctx.save_for_backward(x, aux, z, h, g, *weights, fc1_w, fc2_w, frame_mask)
 
 
