@@ -42,6 +42,7 @@ class DeviceOps(TorchDispatchMode):
         self._component = "other"
         self._patch = None
         self._launch_depth = 0
+        self._entered = 0
 
     # -- components
     @contextlib.contextmanager
@@ -70,25 +71,29 @@ class DeviceOps(TorchDispatchMode):
         return out
 
     def __enter__(self):
-        from triton.runtime import interpreter
-        original = interpreter.InterpretedFunction.run
-        recorder = self
+        self._entered += 1
+        if self._entered == 1:   # custom ops re-enter the mode (`with self`): patch on the outermost entry only
+            from triton.runtime import interpreter
+            original = interpreter.InterpretedFunction.run
+            recorder = self
 
-        def run(fn_self, *a, **k):
-            if recorder._launch_depth == 0:    # wrappers (autotune, heuristics) re-enter run: one launch
-                recorder.records.append((recorder._component, "triton", fn_self.fn.__name__))
-            recorder._launch_depth += 1
-            try:
-                return original(fn_self, *a, **k)
-            finally:
-                recorder._launch_depth -= 1
-        interpreter.InterpretedFunction.run = run
-        self._patch = (interpreter.InterpretedFunction, original)
+            def run(fn_self, *a, **k):
+                if recorder._launch_depth == 0:    # wrappers (autotune, heuristics) re-enter run: one launch
+                    recorder.records.append((recorder._component, "triton", fn_self.fn.__name__))
+                recorder._launch_depth += 1
+                try:
+                    return original(fn_self, *a, **k)
+                finally:
+                    recorder._launch_depth -= 1
+            interpreter.InterpretedFunction.run = run
+            self._patch = (interpreter.InterpretedFunction, original)
         return super().__enter__()
 
     def __exit__(self, *exc):
-        cls, original = self._patch
-        cls.run = original
+        self._entered -= 1
+        if self._entered == 0:
+            cls, original = self._patch
+            cls.run = original
         return super().__exit__(*exc)
 
     # -- results
