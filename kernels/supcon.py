@@ -21,7 +21,7 @@ c_gt = count(s > hi) < k <= c_gt + c_in, c_in = count(s in [lo, hi]). Three kern
       agree whatever the rounding); if t_i is outside the sample's bracket, the part below / above
       it. Pass 1 also keeps the largest negative or positive (the exp shift), the smallest negative
       (t_i when k = nneg) and the sum of positives. Counting passes run while some row's bracket
-      holds more than READY = 160 negatives; a bracket of one value is t_i.
+      holds more than READY = 200 negatives; a bracket of one value is t_i.
   supcon_final_kernel   the final pass: the positives and the negatives above hi add
       exp2(s log2(e) / tau - shift) to D; the distinct values in [lo - delta, hi] go, with their
       multiplicities, to a per-row candidate buffer (per tile, the largest value not yet taken, as

@@ -22,7 +22,7 @@ SAMPLE_DIV = tl.constexpr(8)        # the sample takes about N / SAMPLE_DIV colu
 MAX_CHUNKS = tl.constexpr(256)      # ... in at most MAX_CHUNKS chunks of CHUNK
 Z = tl.constexpr(4.0)               # the sample's bracket: quantiles p -/+ Z standard errors
 CAP = tl.constexpr(256)             # candidate slots (distinct values) per row in the final pass
-READY = tl.constexpr(160)           # a row's final pass starts once its bracket holds <= READY negatives
+READY = tl.constexpr(200)           # a row's final pass starts once its bracket holds <= READY negatives
 VALUE_PASSES = tl.constexpr(2)      # counting passes 1..VALUE_PASSES bin by value, later ones by key
 KEY_PASSES = tl.constexpr(9)        # key passes reach a single key within 9 from any bracket
 KEY_NEG_INF = tl.constexpr(0x007FFFFF)
