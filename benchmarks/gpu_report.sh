@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On a GPU machine with no internet: build, run the GPU parity tests and the
 # benchmarks, and write a markdown report naming the device under
-# benchmarks/results/ (and under $OUT when the device tool runs this).
+# benchmarks/results/ (and under $OUT when that variable is set).
 #   bash benchmarks/gpu_report.sh [extra pytest args for the benchmarks]
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -1,4 +1,4 @@
-"""Cross-attention forward + backward (issue #6): SDPA vs reference vs torch.compile(reference) vs fast.
+"""Cross-attention forward + backward: SDPA vs reference vs torch.compile(reference) vs fast.
 
 Dialogue shapes (GPU): B = 64 dialogues, H = 8, Dh = 32, L in {16, 33, 110} utterances, key padding
 (every dialogue has >= 1 utterance, so SDPA has no NaN rows), 3 streams per step as in one MCN

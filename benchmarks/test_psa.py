@@ -1,4 +1,4 @@
-"""PSA forward + backward: reference eager vs torch.compile(reference) vs fast psa / psa_pool (issue #5).
+"""PSA forward + backward: reference eager vs torch.compile(reference) vs fast psa / psa_pool.
 
 GPU shapes: MELD-like N = B*S = 2048 utterances x L in {8, 32} frames x C = 256, and N = 16384, L = 32.
 Targets on a GPU: fast >= 3x eager, >= 1.5x compiled. On CPU one small shape runs (the fast ops take

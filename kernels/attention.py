@@ -1,4 +1,4 @@
-"""Flash-style attention with key padding for short sequences (DESIGN.md §4.2, issue #6).
+"""Flash-style attention with key padding for short sequences (DESIGN.md §4.2).
 
 Three kernels, each stride-generic over a 5-D layout [G, B, H, L, Dh] (G = independent
 groups run in one launch; the single op is G = 1). Any strides work as long as the

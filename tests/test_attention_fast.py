@@ -1,4 +1,4 @@
-"""Fast attention (Triton) vs the reference and SDPA: outputs and dq/dk/dv (DESIGN.md §4.2, §6, issue #6).
+"""Fast attention (Triton) vs the reference and SDPA: outputs and dq/dk/dv (DESIGN.md §4.2, §6).
 
 On CPU the kernels run through TRITON_INTERPRET=1 (small B·H); on a GPU with `-m gpu`.
 Every output buffer the kernels write is NaN-poisoned first (autouse fixture).

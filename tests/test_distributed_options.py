@@ -1,4 +1,4 @@
-"""Training options of the scale-out work (issue #7): LR schedule, early stopping, bf16 autocast, --compile."""
+"""Training options of the scale-out work: LR schedule, early stopping, bf16 autocast, --compile."""
 import math
 
 import pytest

@@ -1,4 +1,4 @@
-"""CPU peak memory of the fast SupCon loss (issue #4): N = 16384, D = 128, forward + backward.
+"""CPU peak memory of the fast SupCon loss: N = 16384, D = 128, forward + backward.
 
 The N x N float32 similarity matrix alone would be 1 GiB; the chunked forward + host backward
 must add well under 200 MiB of peak RSS. Measured in a fresh subprocess: VmHWM is reset to the
