@@ -77,3 +77,16 @@ def supcon_by_loop(z, labels, temperature, hard_ratio, ignore_index=-100, normal
         losses.append(-sum(sims[p] / temperature - math.log(denominator) for p in positives) / len(positives))
     return sum(losses) / len(losses) if losses else 0.0
 
+
+
+def spy_host_reads(monkeypatch) -> list:
+    """Record every Tensor.item / tolist / __bool__ call (host reads of device data) from now on."""
+    reads = []
+    for attr in ("item", "tolist", "__bool__"):
+        original = getattr(torch.Tensor, attr)
+
+        def spy(self, *a, _original=original, _attr=attr, **k):
+            reads.append(_attr)
+            return _original(self, *a, **k)
+        monkeypatch.setattr(torch.Tensor, attr, spy)
+    return reads

@@ -8,7 +8,7 @@ import torch
 import mcncl_fast
 from mcncl_fast import reference
 from benchmarks.device_ops import DeviceOps
-from tests.helpers import INTERPRET
+from tests.helpers import INTERPRET, spy_host_reads
 
 CFG = dict(text_dim=32, audio_dim=16, visual_dim=24, d_model=32, num_layers=2, num_heads=4, proj_dim=16,
            num_classes=5, dropout=0.1)
@@ -24,14 +24,7 @@ def test_training_step_has_no_host_sync(monkeypatch, model_cls):
                  utterance_mask=torch.rand(b, s) > 0.2, frame_mask=torch.rand(b, s, frames) > 0.2,
                  labels=torch.randint(0, 5, (b, s)))
     batch["utterance_mask"][0] = False       # a fully padded dialogue
-    host_reads = []
-    for attr in ("item", "tolist", "__bool__"):
-        original = getattr(torch.Tensor, attr)
-
-        def spy(self, *a, _original=original, _attr=attr, **k):
-            host_reads.append(_attr)
-            return _original(self, *a, **k)
-        monkeypatch.setattr(torch.Tensor, attr, spy)
+    host_reads = spy_host_reads(monkeypatch)
     with DeviceOps() as recorder:
         out = model(**batch)
         out.loss.backward()

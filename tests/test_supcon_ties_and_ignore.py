@@ -14,7 +14,7 @@ from mcncl_fast import ops
 from mcncl_fast.ops import supcon as supcon_op
 from mcncl_fast.reference import ops as reference_ops
 from benchmarks.device_ops import DeviceOps
-from tests.helpers import INTERPRET, assert_close_rel, rel_error, supcon_by_loop
+from tests.helpers import INTERPRET, spy_host_reads, assert_close_rel, rel_error, supcon_by_loop
 from tests.test_supcon_fast import PATH_DEVICES, PATHS, compare, loss_and_grad, use_path  # noqa: F401
 
 
@@ -138,14 +138,7 @@ def test_no_host_sync_with_num_classes(monkeypatch):
     """The path CUDA tensors take (Triton forward, extension backward), with the class count known:
     no sync op is dispatched and no tensor is read on the host."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    host_reads = []
-    for attr in ("item", "tolist", "__bool__"):
-        original = getattr(torch.Tensor, attr)
-
-        def spy(self, *a, _original=original, _attr=attr, **k):
-            host_reads.append(_attr)
-            return _original(self, *a, **k)
-        monkeypatch.setattr(torch.Tensor, attr, spy)
+    host_reads = spy_host_reads(monkeypatch)
     z = torch.randn(3, 40, 16, requires_grad=True)
     labels = torch.randint(0, 5, (40,))
     labels[::6] = -100
