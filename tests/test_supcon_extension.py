@@ -22,7 +22,7 @@ class HostSupCon(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z, labels, temperature, hard_ratio):
-        k, npos = supcon_op._label_stats(labels, hard_ratio)
+        k, npos = reference_ops.label_statistics(labels, hard_ratio)[1:3]
         theta, logd, possum = supcon_op.chunked_forward(z, labels, k, temperature)
         npos = npos.to(z.dtype)
         ctx.save_for_backward(z, labels, theta, logd, npos)
@@ -59,7 +59,7 @@ def test_host_backward_matches_reference_autograd_float64():
     ref_z = zn.clone().requires_grad_(True)
     ref = torch.stack([_reference_single_f64(ref_z[m], labels) for m in range(3)])
     (ref_grad,) = torch.autograd.grad((ref * g).sum(), ref_z)
-    k, npos = supcon_op._label_stats(labels, 0.3)
+    k, npos = reference_ops.label_statistics(labels, 0.3)[1:3]
     theta, logd, possum = supcon_op.chunked_forward(zn, labels, k, 0.07)
     grad = supcon_op.host_backward(g, zn, labels, theta, logd, npos.double(), 0.07)
     assert grad.dtype == torch.float64
@@ -85,7 +85,7 @@ def _reference_single_f64(z, labels, temperature=0.07, hard_ratio=0.3):
 
 
 def _args(zn, labels, hard_ratio=0.3, temperature=0.07, g=None):
-    k, npos = supcon_op._label_stats(labels, hard_ratio)
+    k, npos = reference_ops.label_statistics(labels, hard_ratio)[1:3]
     theta, logd, _ = supcon_op.chunked_forward(zn.float(), labels, k, temperature)
     g = torch.ones(zn.shape[0]) if g is None else g
     return g, theta, logd, npos.float()

@@ -31,13 +31,6 @@ DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float
 CPU_BLOCK_ELEMENTS = 1 << 20
 
 
-def _label_stats(labels: torch.Tensor, hard_ratio: float, ignore_index: int = IGNORE_INDEX,
-                 num_classes: Optional[int] = None):
-    """k_i and |P_i| (int64 [N]) on labels' device."""
-    stats = label_statistics(labels, hard_ratio, ignore_index, num_classes)
-    return stats.k, stats.positives
-
-
 def _row_range(n: int, row_start: int, row_count: Optional[int]):
     row_count = n - row_start if row_count is None else row_count
     if not (0 <= row_start and 0 <= row_count and row_start + row_count <= n):
