@@ -246,15 +246,14 @@ def mcncl_loss(cfg: ModelConfig, logits, projections, labels, utterance_mask, su
     count = utterance_mask.sum()
     z = torch.stack([projections[m].reshape(targets.numel(), -1) for m in MODALITIES])   # [3, B·S, P]
     gathers = getattr(supcon, "gathers_rows", False)   # such an op gathers what it needs itself
-    local_targets = targets
     if gather_rows is not None:
         if not gathers:
             z = gather_rows(z.float().transpose(0, 1).contiguous(), with_grad=True).transpose(0, 1)
-        targets = gather_rows(targets, with_grad=False)
+            targets = gather_rows(targets, with_grad=False)
         ce_sum = gather_rows(ce_sum.reshape(1), with_grad=True).sum()
         count = gather_rows(count.reshape(1), with_grad=False).sum()
     ce = ce_sum / count.clamp(min=1)
-    contrastive = supcon(z, local_targets if gathers else targets, cfg.temperature, cfg.hard_ratio,
+    contrastive = supcon(z, targets, cfg.temperature, cfg.hard_ratio,
                          ignore_index=IGNORE_INDEX, num_classes=cfg.num_classes)
     weights = torch.tensor([cfg.alpha, cfg.beta, cfg.gamma], device=contrastive.device)
     return {"loss": ce + (weights * contrastive).sum(), "ce_loss": ce, "contrastive_loss": contrastive,
