@@ -9,7 +9,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .supcon_select import (CAP, _flush, _from_key, _groups, _hist_part, _kbin, _key, _key_params, _value_params,
+from .supcon_select import (CAP, _flush, _from_key, _hist_part, _kbin, _key, _key_params, _value_params,
                             _vbin)
 
 

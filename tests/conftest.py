@@ -41,3 +41,17 @@ def pytest_collection_modifyitems(config, items):
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def use_path(monkeypatch):
+    """use_path(path, device) selects a SupCon path: "cpu" = chunked forward + host backward (plain
+    CPU), "triton" = the Triton forward (through the interpreter on CPU tensors)."""
+    def select(path, device):
+        monkeypatch.delenv("MCNCL_FAST_BACKEND", raising=False)
+        if path == "cpu":
+            assert device == "cpu"
+            monkeypatch.setenv("TRITON_INTERPRET", "0")   # plain CPU: chunked forward + host backward
+        elif device == "cpu":
+            monkeypatch.setenv("TRITON_INTERPRET", "1")
+    return select

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from mcncl_fast import ops
 from mcncl_fast.ops import supcon as supcon_op
 from mcncl_fast.reference import ops as reference_ops
-from tests.helpers import INTERPRET, assert_close_rel, kernel_devices, poison_, rel_error
+from tests.helpers import INTERPRET, assert_close_rel, kernel_devices, rel_error
 
 PATHS = ([pytest.param("triton", id="triton")] if INTERPRET else []) + [pytest.param("cpu", id="cpu")]
 
@@ -33,18 +33,6 @@ def _paths_and_devices():
 
 
 PATH_DEVICES = _paths_and_devices()
-
-
-@pytest.fixture
-def use_path(monkeypatch):
-    def select(path, device):
-        monkeypatch.delenv("MCNCL_FAST_BACKEND", raising=False)
-        if path == "cpu":
-            assert device == "cpu"
-            monkeypatch.setenv("TRITON_INTERPRET", "0")   # plain CPU: chunked forward + host backward
-        elif device == "cpu":
-            monkeypatch.setenv("TRITON_INTERPRET", "1")
-    return select
 
 
 def loss_and_grad(fn, z, labels, **kw):

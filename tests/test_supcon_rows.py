@@ -9,7 +9,7 @@ from triton.runtime import interpreter
 from mcncl_fast.ops import supcon as supcon_op
 from mcncl_fast.reference.ops import label_statistics
 from tests.helpers import INTERPRET, rel_error
-from tests.test_supcon_fast import PATH_DEVICES, use_path  # noqa: F401
+from tests.test_supcon_fast import PATH_DEVICES
 
 
 def case(n=203, d=24, classes=5, seed=0):

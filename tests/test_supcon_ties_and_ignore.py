@@ -15,7 +15,7 @@ from mcncl_fast.ops import supcon as supcon_op
 from mcncl_fast.reference import ops as reference_ops
 from benchmarks.device_ops import DeviceOps
 from tests.helpers import INTERPRET, spy_host_reads, assert_close_rel, rel_error, supcon_by_loop
-from tests.test_supcon_fast import PATH_DEVICES, PATHS, compare, loss_and_grad, use_path  # noqa: F401
+from tests.test_supcon_fast import PATH_DEVICES, PATHS, compare, loss_and_grad
 
 
 def duplicated_case(n, d, classes, copies_of, seed, dtype=torch.float32):

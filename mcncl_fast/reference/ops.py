@@ -5,7 +5,6 @@ must agree with these within the tolerances of DESIGN.md §6.
 """
 from __future__ import annotations
 
-import math
 from typing import NamedTuple, Optional, Sequence
 
 import torch
