@@ -94,15 +94,13 @@ def forward_rows(z: torch.Tensor, stats, temperature: float, row_start: int = 0,
     """theta, logd, possum (float32 [M, R]) of anchor rows [row_start, row_start + R) of z' [M, N, D]
     against all N rows; `stats` = label_statistics(...) of the N rows."""
     row_start, row_count = _row_range(z.shape[1], row_start, row_count)
-    valid = stats.class_ids >= 0
+    delta = tie_tolerance(z.float(), stats.class_ids >= 0).float().contiguous()
     if use_triton(z):
         from mcncl_fast.kernels.supcon import supcon_forward as triton_forward
-        delta = tie_tolerance(z.float(), valid).float().contiguous()
         return triton_forward(z, stats.class_ids.to(torch.int32).contiguous(), stats.k.to(torch.int32).contiguous(),
                               stats.negatives.to(torch.int32).contiguous(), delta, temperature,
                               row_start=row_start, row_count=row_count)[:3]
-    zf = z.float()
-    return chunked_forward(zf, stats.class_ids, stats.k, temperature, tie_tolerance(zf, valid), row_start, row_count)
+    return chunked_forward(z.float(), stats.class_ids, stats.k, temperature, delta, row_start, row_count)
 
 
 def combine(logd, possum, npos, temperature):
@@ -133,10 +131,9 @@ def _backward_call(entry, grad_loss, z, labels, theta, logd, npos, temperature, 
     ids = labels.to(torch.int32).contiguous()
     theta = theta.float().contiguous()
     logd = logd.float().contiguous()
-    rows = {} if (row_start, row_count) == (0, n) else dict(row_start=row_start, row_count=row_count)
     entry(z.data_ptr(), DTYPE_CODE[z.dtype], m_count, n, d, *z.stride(), ids.data_ptr(), theta.data_ptr(),
           logd.data_ptr(), w.data_ptr(), inv_npos.data_ptr(), w_scale.data_ptr(), 1.0 / temperature,
-          grad.data_ptr(), last, **rows)
+          grad.data_ptr(), last, row_start, row_count)
     return grad
 
 
