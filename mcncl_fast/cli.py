@@ -69,6 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="bf16: torch.autocast to bfloat16 for training and evaluation")
     tr.add_argument("--compile", action="store_true", help="torch.compile the model")
     tr.add_argument("--compile-backend", default=d.compile_backend, help="torch.compile backend (with --compile)")
+    tr.add_argument("--shape-buckets", action="store_true",
+                    help="pad batches to a few static shapes (utterances, frames and dialogues rounded up): "
+                         "--compile then compiles once per shape; results are unchanged (padding is masked)")
+    tr.add_argument("--cuda-graphs", action="store_true",
+                    help="CUDA only: capture the whole training step (forward, backward, AdamW with "
+                         "capturable=True) as one CUDA graph per shape bucket and replay it; implies --shape-buckets")
     tr.add_argument("--modalities", default=d.modalities, help="inputs used: any of t, a, v (others zeroed)")
     tr.add_argument("--num-workers", type=int, default=d.num_workers)
     tr.add_argument("--output-dir", default=d.output_dir)
@@ -105,7 +111,8 @@ def _train_config(args) -> TrainConfig:
                        output_dir=args.output_dir, modalities=args.modalities, num_workers=args.num_workers,
                        model=model, visual_path=args.visual_path, precision=args.precision, compile=args.compile,
                        compile_backend=args.compile_backend, lr_schedule=args.lr_schedule,
-                       warmup_ratio=args.warmup_ratio, min_lr_ratio=args.min_lr_ratio, patience=args.patience)
+                       warmup_ratio=args.warmup_ratio, min_lr_ratio=args.min_lr_ratio, patience=args.patience,
+                       shape_buckets=args.shape_buckets, cuda_graphs=args.cuda_graphs)
 
 
 def main(argv=None) -> int:

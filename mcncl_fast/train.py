@@ -18,7 +18,6 @@ import contextlib
 import json
 import math
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,17 +32,22 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .data import DataSplits, collate_dialogues, load_dataset
+from .data.buckets import ShapeBuckets
+from .checkpoints import CHECKPOINT_VERSION, load_checkpoint, save_checkpoint
 from .data.errors import UserError
 from .model import Model, ModelConfig
+from .reference.ops import IGNORE_INDEX
+from .step import CudaGraphStep, TrainStep, load_optimizer_state, make_optimizer
 
-CHECKPOINT_VERSION = 1
 MODALITY_INPUTS = {"t": "text", "a": "audio", "v": "visual"}
 
 
 PRECISIONS = ("fp32", "bf16")
 LR_SCHEDULES = ("constant", "cosine", "linear")
 # options a resumed run may change (everything else comes from the checkpoint)
-RESUME_OVERRIDES = ("epochs", "output_dir", "device", "num_workers", "patience", "compile", "compile_backend")
+RESUME_OVERRIDES = ("epochs", "output_dir", "device", "num_workers", "patience", "compile", "compile_backend",
+                    "shape_buckets", "cuda_graphs")
+LOG_EVERY = 50   # steps between progress-bar loss updates (each reads the running loss: one host sync)
 
 
 @dataclass
@@ -70,6 +74,8 @@ class TrainConfig:
     warmup_ratio: float = 0.0                   # fraction of all steps with a linear warmup from 0
     min_lr_ratio: float = 0.0                   # floor of cosine/linear decay, relative to --lr
     patience: int = 0                           # stop after this many epochs without a better dev F1 (0 = off)
+    shape_buckets: bool = False                 # pad batches to a few static shapes (data/buckets.py)
+    cuda_graphs: bool = False                   # capture the training step per shape bucket and replay it
 
     def __post_init__(self):
         checks = {"epochs": self.epochs >= 1, "batch_size": self.batch_size >= 1, "lr": self.lr > 0,
@@ -125,10 +131,11 @@ def metrics_report(y_true, y_pred, class_names) -> dict:
                                                            digits=4, zero_division=0)}
 
 
-def autocast(device, precision: str = "fp32"):
+def autocast(device, precision: str = "fp32", cache_enabled: bool = True):
+    """cache_enabled=False under CUDA graph capture (autocast's weight-cast cache would go stale)."""
     if precision == "fp32":
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, cache_enabled=cache_enabled)
 
 
 @torch.no_grad()
@@ -140,7 +147,7 @@ def predict(model, loader, device, modalities="tav", desc="eval", precision="fp3
         with autocast(device, precision):
             logits = model(batch["text"], batch["audio"], batch["visual"], batch["utterance_mask"],
                            batch["frame_mask"]).logits
-        mask = batch["utterance_mask"]
+        mask = batch["utterance_mask"] & (batch["labels"] != IGNORE_INDEX)
         y_true.append(batch["labels"][mask].cpu())
         y_pred.append(logits[mask].float().argmax(-1).cpu())
     return torch.cat(y_true).numpy(), torch.cat(y_pred).numpy()
@@ -156,38 +163,6 @@ def predict_split(model, cfg, dataset, device, ctx=None, desc="eval"):
         if len(dataset) else (np.zeros(0, np.int64), np.zeros(0, np.int64))
     parts = distributed.gather_objects((y_true, y_pred), ctx)
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
-
-
-# ------------------------------------------------------------------ checkpoints
-def save_checkpoint(path: Path, state: dict) -> None:
-    """torch.save to a temp file in the same folder, then an atomic rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def load_checkpoint(path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint: no such file: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # truncated / not a torch file
-        raise UserError(f"checkpoint: {path} is not a readable mcncl_fast checkpoint ({type(exc).__name__})") from None
-    if not isinstance(state, dict) or state.get("format") != "mcncl_fast" or "model" not in state:
-        raise UserError(f"checkpoint: {path} is not an mcncl_fast checkpoint")
-    if state.get("version") != CHECKPOINT_VERSION:
-        raise UserError(f"checkpoint: {path} has version {state.get('version')}, expected {CHECKPOINT_VERSION}")
-    return state
 
 
 def build_model(model_config: ModelConfig, device) -> Model:
@@ -208,13 +183,18 @@ def loaders(cfg: TrainConfig, splits: DataSplits, epoch: int, ctx=None):
         sampler.set_epoch(epoch)
     else:
         sampler = RandomSampler(splits.train, generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch))
-    common = dict(batch_size=cfg.batch_size, collate_fn=collate_dialogues, num_workers=cfg.num_workers)
+    common = dict(batch_size=cfg.batch_size, collate_fn=collate_fn(cfg), num_workers=cfg.num_workers)
     return DataLoader(splits.train, sampler=sampler, **common)
 
 
 def eval_loader(cfg: TrainConfig, dataset):
-    return DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False, collate_fn=collate_dialogues,
+    return DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False, collate_fn=collate_fn(cfg),
                       num_workers=cfg.num_workers)
+
+
+def collate_fn(cfg: TrainConfig):
+    """Shape buckets with --shape-buckets or --cuda-graphs (a graph per shape), else the tightest padding."""
+    return ShapeBuckets(batch_size=cfg.batch_size) if cfg.shape_buckets or cfg.cuda_graphs else collate_dialogues
 
 
 # --------------------------------------------------------------------- training
@@ -238,7 +218,11 @@ def epochs_since_best(history) -> int:
 
 
 def _compiled(module, cfg: TrainConfig):
-    return torch.compile(module, backend=cfg.compile_backend) if cfg.compile else module
+    if not cfg.compile:
+        return module
+    # bucketed shapes: one static compilation per bucket; otherwise dynamo goes dynamic after a recompile
+    static = cfg.shape_buckets or cfg.cuda_graphs
+    return torch.compile(module, backend=cfg.compile_backend, dynamic=False if static else None)
 
 
 def train(cfg: TrainConfig, resume: Optional[str] = None,
@@ -265,6 +249,11 @@ def _train(cfg, state, ctx, out_dir, step_callback):
     log = tqdm.write if main else (lambda *a, **k: None)
     if cfg.precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise UserError("--precision bf16: this GPU does not support bfloat16")
+    if cfg.cuda_graphs and device.type != "cuda":
+        raise UserError(f"--cuda-graphs: captures the training step as CUDA graphs and needs a CUDA device; "
+                        f"this run is on {device}")
+    if cfg.cuda_graphs and ctx.enabled:
+        raise UserError("--cuda-graphs: not supported with several processes (torchrun); run without it")
     torch.manual_seed(cfg.seed)
     splits = load_dataset(cfg.dataset, cfg.data_path, seed=cfg.seed, synthetic_scale=cfg.synthetic_scale,
                           visual_path=cfg.visual_path)
@@ -272,14 +261,14 @@ def _train(cfg, state, ctx, out_dir, step_callback):
         raise UserError(f"--dataset {cfg.dataset}: the train split is empty")
     model_config = ModelConfig.from_dict(state["model_config"]) if state else model_config_for(cfg, splits)
     model = build_model(model_config, device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, capturable=cfg.cuda_graphs)
     steps_per_epoch = len(loaders(cfg, splits, 0, ctx))
     total_steps = steps_per_epoch * cfg.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, cfg))
     start_epoch, best_f1, history = 0, -1.0, []
     if state is not None:
         model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(optimizer, state["optimizer"])
         if state.get("scheduler") is not None:
             scheduler.load_state_dict(state["scheduler"])
         start_epoch, best_f1, history = state["epoch"], state["best_dev_f1"], state["history"]
@@ -298,6 +287,21 @@ def _train(cfg, state, ctx, out_dir, step_callback):
     eval_forward = train_forward if not ctx.enabled else _compiled(model, cfg)
     supcon = type(model).ops.supcon_hard_negative_loss
 
+    def forward_loss(batch):
+        if ctx.enabled or cfg.precision != "fp32":
+            # DDP: the loss of the global batch (SupCon over every rank's embeddings); bf16: the forward
+            # under autocast, the loss (CE, SupCon) outside it in fp32. Same formula as Model.forward.
+            with autocast(device, cfg.precision, cache_enabled=not cfg.cuda_graphs):
+                out = train_forward(batch["text"], batch["audio"], batch["visual"], batch["utterance_mask"],
+                                    batch["frame_mask"])
+            return distributed.global_batch_loss(out.logits, out.features, batch["labels"],
+                                                 batch["utterance_mask"], model_config, supcon)["loss"]
+        return train_forward(**batch).loss
+
+    train_step = TrainStep(forward_loss, model, optimizer, cfg.grad_clip)
+    if cfg.cuda_graphs:
+        train_step = CudaGraphStep(train_step)
+
     def checkpoint(epoch):
         return {"format": "mcncl_fast", "version": CHECKPOINT_VERSION, "epoch": epoch,
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -315,31 +319,24 @@ def _train(cfg, state, ctx, out_dir, step_callback):
             log(f"early stopping: no better dev weighted F1 for {cfg.patience} epochs")
             break
         model.train()
-        losses = []
+        # the losses stay on the device (a running sum): reading each one would sync host and device
+        loss_sum, window_sum, steps, window = torch.zeros((), device=device), torch.zeros((), device=device), 0, 0
         bar = tqdm(loaders(cfg, splits, epoch, ctx), desc=f"epoch {epoch + 1}/{cfg.epochs}", dynamic_ncols=True,
                    disable=not main)
         for step, batch in enumerate(bar):
-            batch = batch_to_device(batch, device, cfg.modalities)
-            if ctx.enabled or cfg.precision != "fp32":
-                # DDP: the loss of the global batch (SupCon over every rank's embeddings); bf16: the forward
-                # under autocast, the loss (CE, SupCon) outside it in fp32. Same formula as Model.forward.
-                with autocast(device, cfg.precision):
-                    out = train_forward(batch["text"], batch["audio"], batch["visual"], batch["utterance_mask"],
-                                        batch["frame_mask"])
-                loss = distributed.global_batch_loss(out.logits, out.features, batch["labels"],
-                                                     batch["utterance_mask"], model_config, supcon)["loss"]
-            else:
-                loss = train_forward(**batch).loss
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
+            loss = train_step(batch_to_device(batch, device, cfg.modalities))
             scheduler.step()
-            losses.append(loss.item())
+            loss_sum += loss
+            window_sum += loss
+            steps, window = steps + 1, window + 1
             if step_callback is not None:
-                step_callback(epoch, step, losses[-1])
-            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+                step_callback(epoch, step, loss.item())
+            if main and (window == LOG_EVERY or step == 0):
+                lr_now = cfg.lr * lr_factor(scheduler.last_epoch - 1, total_steps, cfg)
+                bar.set_postfix(loss=f"{window_sum.item() / window:.4f}", lr=f"{lr_now:.2e}")
+                window_sum.zero_()
+                window = 0
+        losses = [loss_sum.item() / steps] if steps else []
         y_true, y_pred = predict_split(eval_forward, cfg, splits.dev, device, ctx, desc="dev")
         dev = metrics_report(y_true, y_pred, splits.class_names)
         history.append({"epoch": epoch + 1, "train_loss": float(np.mean(losses)) if losses else float("nan"),

@@ -76,12 +76,14 @@ def test_bf16_autocast(tmp_path):
 def test_compile_flag_reaches_torch_compile(tmp_path, monkeypatch):
     calls = []
 
-    def fake_compile(module, backend):
-        calls.append((type(module).__name__, backend))
+    def fake_compile(module, backend, dynamic):
+        calls.append((type(module).__name__, backend, dynamic))
         return module
     monkeypatch.setattr(torch, "compile", fake_compile)
     _, compiled = _run(tmp_path, "c", epochs=1, compile=True, compile_backend="aot_eager")
-    assert calls == [("Model", "aot_eager")]
+    assert calls == [("Model", "aot_eager", None)]
+    _run(tmp_path, "b", epochs=1, compile=True, compile_backend="eager", shape_buckets=True)
+    assert calls[-1] == ("Model", "eager", False)       # static shapes: one compilation per bucket
     _, plain = _run(tmp_path, "p", epochs=1)
     assert compiled == plain
 

@@ -11,10 +11,12 @@ Every dataset (synthetic, MELD/IEMOCAP pickles, feature store) yields these.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch.utils.data import Dataset
+
+from ..reference.ops import IGNORE_INDEX
 
 
 @dataclass
@@ -50,20 +52,28 @@ class DialogueList(Dataset):
         return self.dialogues[index]
 
 
-def collate_dialogues(batch: Sequence[dict]) -> Dict[str, torch.Tensor]:
-    """Pad a list of dialogues to [B, S, ...] with utterance and frame masks (True = real)."""
+def collate_dialogues(batch: Sequence[dict], shape: Optional[Tuple[int, int, int]] = None) -> Dict[str, torch.Tensor]:
+    """Pad a list of dialogues to [B, S, ...] with utterance and frame masks (True = real).
+
+    `shape` = (B, S, L): pad to at least these many dialogues, utterances per dialogue and frames per
+    utterance (mcncl_fast.data.buckets: a few static shapes for torch.compile and CUDA graphs). Padded
+    dialogues, utterances and frames are masked out; padded labels are the ignore label."""
     if len(batch) == 0:
         raise ValueError("batch: expected at least one dialogue, got an empty list")
     b = len(batch)
     s = max(len(d["labels"]) for d in batch)
     frames = max(v.shape[0] for d in batch for v in d["visual"])
+    if shape is not None:
+        if shape[0] < b:
+            raise ValueError(f"shape: {shape[0]} dialogues requested, the batch holds {b}")
+        b, s, frames = shape[0], max(s, shape[1]), max(frames, shape[2])
     dt, da, dv = batch[0]["text"].shape[1], batch[0]["audio"].shape[1], batch[0]["visual"][0].shape[1]
     text = torch.zeros(b, s, dt)
     audio = torch.zeros(b, s, da)
     visual = torch.zeros(b, s, frames, dv)
     utterance_mask = torch.zeros(b, s, dtype=torch.bool)
     frame_mask = torch.zeros(b, s, frames, dtype=torch.bool)
-    labels = torch.zeros(b, s, dtype=torch.int64)
+    labels = torch.full((b, s), IGNORE_INDEX, dtype=torch.int64)
     for i, d in enumerate(batch):
         n = len(d["labels"])
         if d["text"].shape != (n, dt) or d["audio"].shape != (n, da) or len(d["visual"]) != n:

@@ -11,6 +11,7 @@ are shared by construction.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass, fields
 from typing import Dict, List, Optional
 
@@ -228,6 +229,12 @@ class Model(nn.Module):
                            contrastive_loss=losses["contrastive_loss"], features=features)
 
 
+@functools.lru_cache(maxsize=16)
+def _loss_weights(alpha: float, beta: float, gamma: float, device: torch.device) -> torch.Tensor:
+    # made once per device: a host-to-device copy inside every step would break CUDA graph capture
+    return torch.tensor([alpha, beta, gamma], device=device)
+
+
 def mcncl_loss(cfg: ModelConfig, logits, projections, labels, utterance_mask, supcon, gather_rows=None):
     """CE + α·L_t + β·L_a + γ·L_v over the valid utterances (DESIGN.md §3).
 
@@ -243,7 +250,7 @@ def mcncl_loss(cfg: ModelConfig, logits, projections, labels, utterance_mask, su
     # sum / count rather than mean: a batch with no valid utterance gives 0, not NaN
     ce_sum = F.cross_entropy(logits.reshape(targets.numel(), -1).float(), targets, ignore_index=IGNORE_INDEX,
                              reduction="sum")
-    count = utterance_mask.sum()
+    count = (targets != IGNORE_INDEX).sum()
     z = torch.stack([projections[m].reshape(targets.numel(), -1) for m in MODALITIES])   # [3, B·S, P]
     gathers = getattr(supcon, "gathers_rows", False)   # such an op gathers what it needs itself
     if gather_rows is not None:
@@ -255,7 +262,7 @@ def mcncl_loss(cfg: ModelConfig, logits, projections, labels, utterance_mask, su
     ce = ce_sum / count.clamp(min=1)
     contrastive = supcon(z, targets, cfg.temperature, cfg.hard_ratio,
                          ignore_index=IGNORE_INDEX, num_classes=cfg.num_classes)
-    weights = torch.tensor([cfg.alpha, cfg.beta, cfg.gamma], device=contrastive.device)
+    weights = _loss_weights(cfg.alpha, cfg.beta, cfg.gamma, contrastive.device)
     return {"loss": ce + (weights * contrastive).sum(), "ce_loss": ce, "contrastive_loss": contrastive,
             "num_utterances": count}
 
@@ -280,9 +287,9 @@ def check_model_inputs(cfg: ModelConfig, text, audio, visual, utterance_mask, fr
         check_shape("labels", labels, (b, s))
         check_same_device("text", text, labels=labels)
         # a device-side assertion: immediate on the CPU, no host sync on CUDA
-        bad = utterance_mask & ((labels < 0) | (labels >= cfg.num_classes))
+        bad = utterance_mask & (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= cfg.num_classes))
         try:
-            torch._assert_async(~bad.any(), "labels: expected class ids in [0, num_classes) at valid utterances")
+            torch._assert_async(~bad.any(), "labels: expected class ids in [0, num_classes) or the ignore label -100 at valid utterances")
         except RuntimeError:
-            raise ValueError(f"labels: expected class ids in [0, {cfg.num_classes}) at valid utterances, "
+            raise ValueError(f"labels: expected class ids in [0, {cfg.num_classes}) or {IGNORE_INDEX} at valid utterances, "
                              f"got {labels[bad][:5].tolist()}") from None

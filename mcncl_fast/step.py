@@ -1,0 +1,121 @@
+"""The training step as one callable: forward and loss, backward, gradient clipping, AdamW.
+
+`TrainStep` runs it eagerly. `CudaGraphStep` captures it as one CUDA graph per batch shape and
+replays it: a step at MELD scale is a few GFLOP spread over hundreds of small kernels, so on a GPU
+its time is launch and Python overhead, which a replay removes. What makes the step capturable:
+
+* no host-device synchronisation anywhere in it (the model and the ops never read a device value on
+  the host; AdamW with `capturable=True` keeps its step count and learning rate on the device;
+  gradient clipping scales by a device-side factor);
+* static shapes: batches are padded to a few shape buckets (mcncl_fast.data.buckets), one graph each;
+* everything allocated lazily (gradients, optimizer state, Triton autotuning, cuBLAS workspaces)
+  happens first in an ordinary step: the first batch of each shape runs eagerly on a side stream,
+  then the step is captured, and later batches of that shape replay it. No batch is run twice.
+
+The loss a step returns is a 0-d device tensor; a replayed graph overwrites it at its next replay, so
+use it (e.g. add it to a running sum) before the next step.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+
+Batch = Dict[str, torch.Tensor]
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, capturable: bool = False):
+    """AdamW. capturable: step count and learning rate live on the device (a tensor the LR scheduler
+    fills in place), so the update can be captured in a CUDA graph and never syncs."""
+    device = next(model.parameters()).device
+    lr_value = torch.tensor(lr, dtype=torch.float32, device=device) if capturable else lr
+    return torch.optim.AdamW(model.parameters(), lr=lr_value, weight_decay=weight_decay, capturable=capturable)
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Load an AdamW state saved with or without `capturable`, into this optimizer's mode."""
+    groups = optimizer.param_groups
+    capturable = [bool(g.get("capturable", False)) for g in groups]
+    lr_is_tensor = [isinstance(g["lr"], torch.Tensor) for g in groups]
+    state = {**state, "param_groups": [{**saved, "lr": float(saved["lr"]), "capturable": cap}
+                                       for saved, cap in zip(state["param_groups"], capturable)]}
+    optimizer.load_state_dict(state)
+    for group, tensor in zip(optimizer.param_groups, lr_is_tensor):
+        if tensor:
+            device = group["params"][0].device
+            group["lr"] = torch.tensor(group["lr"], dtype=torch.float32, device=device)
+
+
+class TrainStep:
+    """forward_loss(batch) -> 0-d loss; then backward, clipping (max norm `grad_clip`, 0 = off) and
+    the optimizer step. Returns the detached loss."""
+
+    def __init__(self, forward_loss: Callable[[Batch], torch.Tensor], model: torch.nn.Module,
+                 optimizer: torch.optim.Optimizer, grad_clip: float = 0.0):
+        self.forward_loss, self.optimizer, self.grad_clip = forward_loss, optimizer, grad_clip
+        self.params = [p for p in model.parameters() if p.requires_grad]
+
+    def __call__(self, batch: Batch) -> torch.Tensor:
+        # set_to_none: backward writes fresh gradients instead of adding to zeroed ones; under CUDA
+        # graph capture they are then allocated in the graph's own memory pool
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.forward_loss(batch)
+        loss.backward()
+        if self.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip, foreach=True)
+        self.optimizer.step()
+        return loss.detach()
+
+
+Capture = Callable[[Callable[[], torch.Tensor]], Tuple[Callable[[], None], torch.Tensor]]
+
+
+def capture_cuda_graph(fn: Callable[[], torch.Tensor]) -> Tuple[Callable[[], None], torch.Tensor]:
+    """Record fn's kernels as a CUDA graph (nothing runs): -> (replay, fn's output, rewritten per replay)."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph.replay, out
+
+
+def _on_side_stream(fn, *args):
+    """Warm-up work runs on a side stream, as CUDA graph capture requires of the work before it."""
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return fn(*args)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        out = fn(*args)
+    torch.cuda.current_stream().wait_stream(side)
+    return out
+
+
+class CudaGraphStep:
+    """A step callable (TrainStep) replayed as one CUDA graph per batch shape (see the module docstring).
+
+    `capture` records a zero-argument function and returns (replay, output): `capture_cuda_graph` by
+    default; tests substitute a recorder that re-runs the function to check the bookkeeping on CPU."""
+
+    def __init__(self, step: Callable[[Batch], torch.Tensor], capture: Optional[Capture] = None):
+        self.step = step
+        self.capture = capture or capture_cuda_graph
+        self.graphs: Dict[tuple, Tuple[Callable[[], None], Batch, torch.Tensor]] = {}
+
+    @staticmethod
+    def shape_key(batch: Batch) -> tuple:
+        return tuple((name, tuple(t.shape), t.dtype, t.device) for name, t in sorted(batch.items()))
+
+    def __call__(self, batch: Batch) -> torch.Tensor:
+        key = self.shape_key(batch)
+        entry = self.graphs.get(key)
+        if entry is None:
+            loss = _on_side_stream(self.step, batch)         # this batch's real step; also the warm-up
+            static_batch = {name: t.clone() for name, t in batch.items()}
+            replay, static_loss = self.capture(lambda: self.step(static_batch))
+            self.graphs[key] = (replay, static_batch, static_loss)
+            return loss
+        replay, static_batch, static_loss = entry
+        for name, t in batch.items():
+            static_batch[name].copy_(t, non_blocking=True)
+        replay()
+        return static_loss
