@@ -1,10 +1,12 @@
-"""Device operations of one training step (forward + backward, no optimizer), per model stage.
+"""Device operations of one training step, per model stage.
 
     TRITON_INTERPRET=1 python -m benchmarks.model_ops
 
 prints, for the reference and the fast model, the ATen ops + Triton launches each stage issues
-(DESIGN.md §6 item 4): what a launch-bound GPU step pays for. The stages are tagged from outside
-the models, by wrapping their methods for the duration of the count; nothing in the models counts.
+(docs/DESIGN.md §6 item 4): what a launch-bound GPU step pays for. The step is the library's own
+(mcncl_fast.step.TrainStep: forward, backward, gradient clipping, AdamW), counted at its second call
+(the first also creates the optimizer state). The stages are tagged from outside the models, by
+wrapping their methods for the duration of the count; nothing in the models counts.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from benchmarks.device_ops import DeviceOps
 CONFIG = dict(text_dim=32, audio_dim=16, visual_dim=24, d_model=64, num_layers=2, num_heads=4, proj_dim=16,
               num_classes=5, dropout=0.1)
 BATCH = dict(b=3, s=6, frames=4)
-STAGES = ("checks", "encoders", "PSA", "MCN", "heads", "loss", "backward")
+STAGES = ("checks", "encoders", "PSA", "MCN", "heads", "loss", "backward", "optimizer")
 
 
 def make_batch(cfg, b, s, frames, seed=0):
@@ -48,9 +50,9 @@ def _patched(owner, name, wrap):
 
 
 @contextlib.contextmanager
-def stage_tags(model, recorder: DeviceOps):
-    """Tags every op of a forward with its stage. Ops of forward outside the wrapped stages (classifier,
-    projection heads, concatenations) count as "heads"."""
+def stage_tags(model, recorder: DeviceOps, optimizer=None):
+    """Tags every op of a step with its stage. Ops of forward outside the wrapped stages (classifier,
+    projection heads, concatenations) count as "heads"; gradient clipping and AdamW as "optimizer"."""
     import mcncl_fast.model as fast_module
     import mcncl_fast.reference.model as reference_module
 
@@ -74,20 +76,26 @@ def stage_tags(model, recorder: DeviceOps):
             for name, stage in (("check_model_inputs", "checks"), ("mcncl_loss", "loss")):
                 if hasattr(module, name):
                     stack.enter_context(_patched(module, name, tagged(stage)))
+        stack.enter_context(_patched(torch.Tensor, "backward", tagged("backward")))
+        stack.enter_context(_patched(torch.nn.utils, "clip_grad_norm_", tagged("optimizer")))
+        if optimizer is not None:
+            stack.enter_context(_patched(optimizer, "step", tagged("optimizer")))
         yield
 
 
 def count_training_step(model_cls, config=None, batch_shape=None, seed=0) -> DeviceOps:
-    """DeviceOps of model(**batch).loss.backward(), the forward tagged by stage, the backward as "backward"."""
+    """DeviceOps of the second TrainStep call (forward, backward, clipping, AdamW), tagged by stage."""
     from mcncl_fast import ModelConfig
+    from mcncl_fast.step import TrainStep, make_optimizer
     torch.manual_seed(seed)
     cfg = ModelConfig(**(config or CONFIG))
     model = model_cls(cfg)
     batch = make_batch(cfg, **(batch_shape or BATCH), seed=seed)
-    with DeviceOps() as recorder, stage_tags(model, recorder):
-        loss = model(**batch).loss
-        with recorder.component("backward"):
-            loss.backward()
+    optimizer = make_optimizer(model, 1e-3, 1e-4)
+    step = TrainStep(lambda b: model(**b).loss, model, optimizer, grad_clip=1.0)
+    step(batch)                                    # creates AdamW's state
+    with DeviceOps() as recorder, stage_tags(model, recorder, optimizer):
+        step(batch)
     return recorder
 
 
@@ -112,11 +120,14 @@ def main() -> int:
     import mcncl_fast
     from mcncl_fast import reference
     counts = {"reference": count_training_step(reference.Model), "fast": count_training_step(mcncl_fast.Model)}
-    print(f"device operations of one training step (forward + backward), config {CONFIG}, batch {BATCH}")
+    print(f"device operations of one training step (forward, backward, clipping, AdamW), config {CONFIG}, "
+          f"batch {BATCH}")
     print(table(counts))
     ref, fast = counts["reference"], counts["fast"]
     print(f"fast / reference = {fast.total / ref.total:.3f}; sync points: reference {len(ref.syncs)}, "
           f"fast {len(fast.syncs)}")
+    print("fast + CUDA graphs (--cuda-graphs): per step, 6 batch copies into the static inputs and 1 graph "
+          f"launch replaying the {fast.total} operations above (by construction; the replay itself needs a GPU)")
     print("most common in fast:", fast.most_common(12))
     return 0
 

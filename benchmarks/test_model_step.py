@@ -1,6 +1,17 @@
-"""One training step (forward + backward + AdamW) of the whole model: reference vs fast; and the
-device operations of a step per stage (benchmarks/model_ops.py), which on a CPU-only machine stand in
-for the GPU timing of a launch-bound step."""
+"""One training step (forward, backward, clipping, AdamW) of the whole model, five ways:
+
+    reference-eager     mcncl_fast.reference.Model
+    reference-compiled  torch.compile(reference.Model)
+    fast-eager          mcncl_fast.Model
+    fast-compiled       torch.compile(mcncl_fast.Model)
+    fast-cuda-graphs    mcncl_fast.Model, the whole step replayed as a CUDA graph (mcncl_fast.step)
+
+at MELD scale on a GPU (16 dialogues x 24 utterances x 8 frames, d = 256, 4 layers; fp32 and bf16),
+steps/s and peak memory in the benchmark's extra_info. Targets: fast >= 3x reference-eager and >= 1.3x
+reference-compiled. On a CPU-only machine the eager variants run a small batch, and
+test_device_operations_per_stage prints what each variant issues per step (device operations and
+syncs, counted through the Triton interpreter): the launch count a GPU step pays for.
+"""
 import os
 import subprocess
 import sys
@@ -11,54 +22,61 @@ import torch
 
 import mcncl_fast
 from mcncl_fast import reference
+from mcncl_fast.step import CudaGraphStep, TrainStep, make_optimizer
 
 from .conftest import CUDA
 
-# MELD-like batch on GPU (16 dialogues x 24 utterances x 8 frames); a small one on CPU
+# MELD-like batch on GPU; a small one on CPU
 SHAPE = dict(b=16, s=24, frames=8) if CUDA else dict(b=4, s=12, frames=4)
+VARIANTS = ("reference-eager", "reference-compiled", "fast-eager", "fast-compiled", "fast-cuda-graphs")
+CPU_VARIANTS = ("reference-eager", "fast-eager")   # inductor on the whole model takes minutes on 2 cores
 
 
-def make_step(model_cls, device, compile_model=False):
+def make_batch(cfg, device, b, s, frames):
+    g = torch.Generator().manual_seed(0)
+    utterance_mask = torch.rand(b, s, generator=g) > 0.2
+    utterance_mask[:, 0] = True
+    batch = dict(text=torch.randn(b, s, cfg.text_dim, generator=g), audio=torch.randn(b, s, cfg.audio_dim, generator=g),
+                 visual=torch.randn(b, s, frames, cfg.visual_dim, generator=g), utterance_mask=utterance_mask,
+                 frame_mask=torch.rand(b, s, frames, generator=g) > 0.2,
+                 labels=torch.randint(0, cfg.num_classes, (b, s), generator=g))
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def make_step(variant, device, precision):
     torch.manual_seed(0)
     cfg = mcncl_fast.ModelConfig()
-    model = model_cls(cfg).to(device)
-    if compile_model:
-        model = torch.compile(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    b, s, frames = SHAPE["b"], SHAPE["s"], SHAPE["frames"]
-    batch = dict(text=torch.randn(b, s, cfg.text_dim, device=device),
-                 audio=torch.randn(b, s, cfg.audio_dim, device=device),
-                 visual=torch.randn(b, s, frames, cfg.visual_dim, device=device),
-                 utterance_mask=torch.rand(b, s, device=device) > 0.2,
-                 frame_mask=torch.rand(b, s, frames, device=device) > 0.2,
-                 labels=torch.randint(0, cfg.num_classes, (b, s), device=device))
+    model = (reference.Model if variant.startswith("reference") else mcncl_fast.Model)(cfg).to(device)
+    forward = torch.compile(model, dynamic=False) if variant.endswith("compiled") else model
+    graphs = variant.endswith("cuda-graphs")
+    optimizer = make_optimizer(model, 1e-4, 1e-4, capturable=graphs)
 
-    def step():
-        loss = model(**batch).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return loss
-    return step
+    def forward_loss(batch):
+        with torch.autocast(device.type, torch.bfloat16, enabled=precision == "bf16", cache_enabled=not graphs):
+            return forward(**batch).loss
+    step = TrainStep(forward_loss, model, optimizer, grad_clip=1.0)
+    step = CudaGraphStep(step) if graphs else step
+    batch = make_batch(cfg, device, **SHAPE)
+    return lambda: step(batch)
 
 
 @pytest.mark.benchmark(group="model-train-step")
-@pytest.mark.parametrize("impl", ["reference", "fast"])
-def test_train_step(impl, run_benchmark, device):
-    cls = reference.Model if impl == "reference" else mcncl_fast.Model
-    run_benchmark(make_step(cls, device), rounds=5 if CUDA else 3)
-
-
-@pytest.mark.benchmark(group="model-train-step")
-@pytest.mark.skipif(not CUDA, reason="inductor compile of the whole model takes minutes on 2 CPU cores")
-def test_train_step_compiled_reference(run_benchmark, device):
-    run_benchmark(make_step(reference.Model, device, compile_model=True), rounds=5, warmup_rounds=2)
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_train_step(variant, precision, run_benchmark, device, benchmark):
+    if not CUDA and (variant not in CPU_VARIANTS or precision == "bf16"):
+        pytest.skip("GPU-only variant (see test_device_operations_per_stage for the CPU-side counts)")
+    benchmark.group = f"model-train-step-{precision}"
+    step = make_step(variant, device, precision)
+    # warm-up: autotuning, compilation, the CUDA graph capture (at the second call of its shape)
+    run_benchmark(step, rounds=20 if CUDA else 3, warmup_rounds=3 if CUDA else 1)
+    benchmark.extra_info["steps_per_s"] = round(1.0 / benchmark.stats.stats.mean, 2)
 
 
 def test_device_operations_per_stage():
-    """Prints the table (run with -s): ops per stage, reference vs fast. The Triton kernels must run to
-    be counted, through the interpreter; conftest.py unsets TRITON_INTERPRET for the timings, so the
-    count runs in a subprocess with it set."""
+    """Prints the table (run with -s): ops per stage and syncs, reference vs fast. The Triton kernels must
+    run to be counted, through the interpreter; conftest.py unsets TRITON_INTERPRET for the timings, so
+    the count runs in a subprocess with it set."""
     env = dict(os.environ, TRITON_INTERPRET="1")
     result = subprocess.run([sys.executable, "-m", "benchmarks.model_ops"], cwd=Path(__file__).resolve().parents[1],
                             env=env, capture_output=True, text=True, timeout=600)
