@@ -1,4 +1,4 @@
-"""DialogueRNN/COSMIC pickles, built here with the exact 9-tuple layouts."""
+"""DialogueRNN-family pickles, built here with the exact 9-tuple layouts (test_data_layouts.py: the others)."""
 import pickle
 
 import numpy as np
@@ -29,6 +29,7 @@ def _dialogues(rng, ids, num_classes, dt, da, dv=None, frames=False):
 
 
 def _iemocap(tmp_path, frames=False, name="iemocap.pkl"):
+    # declare-lab/conv-emotion DialogueRNN/dataloader.py IEMOCAPDataset (and zerohd4869/MM-DFN code/dataloader.py)
     rng = np.random.default_rng(1)
     train, test = [f"Ses0{i}F_impro0{i}" for i in range(1, 10)] + ["Ses05M_script01"], ["Ses05F_impro01", "Ses05F_impro02"]
     d = _dialogues(rng, train + test, 6, dt=10, da=7, dv=5, frames=frames)
@@ -39,6 +40,8 @@ def _iemocap(tmp_path, frames=False, name="iemocap.pkl"):
 
 
 def _meld(tmp_path):
+    # declare-lab/conv-emotion DialogueGCN/dataloader.py MELDDataset: the 9th item is videoLabelsSentiment;
+    # None here (a file without it still loads with the emotion labels)
     rng = np.random.default_rng(2)
     train, test = list(range(0, 20)), list(range(100, 104))
     d = _dialogues(rng, train + test, 7, dt=12, da=9)
@@ -66,6 +69,7 @@ def test_iemocap_layout(tmp_path):
         np.testing.assert_array_equal(x["text"].numpy(), np.stack(d["text"][vid]))
         np.testing.assert_array_equal(x["audio"].numpy(), d["audio"][vid])
         assert all(v.shape == (1, 5) for v in x["visual"])            # utterance-level vector -> L = 1
+        assert x["speakers"].tolist() == [0 if s == "M" else 1 for s in d["spk"][vid]]
         np.testing.assert_array_equal(torch.cat(x["visual"]).numpy(), np.stack(d["vis"][vid]))
     batch = collate_dialogues(list(splits.train)[:3])
     assert batch["visual"].shape[2] == 1

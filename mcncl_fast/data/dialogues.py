@@ -5,7 +5,8 @@ A dialogue is a dict:
     text    float [S, Dt]
     audio   float [S, Da]
     visual  list of S float tensors [L_i, Dv], L_i >= 1 (per-frame features)
-    labels  int64 [S]
+    labels  int64 [S]  class ids; -100 (IGNORE_LABEL) = not trained on, not scored (label_sets.py)
+    speakers  int64 [S], optional: speaker index within the dialogue (the pickles only)
 Every dataset (synthetic, MELD/IEMOCAP pickles, feature store) yields these.
 """
 from __future__ import annotations

@@ -33,6 +33,7 @@ from torch.utils.data import Dataset
 from .dialogues import DataSplits
 from .errors import UserError
 from .splits import DEV_FRACTION, carve_dev
+from .validation import validate_feature_store
 
 STORE_FORMAT = "mcncl_fast.features"
 STORE_VERSION = 1
@@ -189,4 +190,5 @@ def load_feature_store(directory, dev_fraction: float = DEV_FRACTION) -> DataSpl
         if part.class_names != train.class_names or (len(part.labels) and part.dims != train.dims):
             raise UserError(f"{part.path}: class names {part.class_names} / dims {part.dims} differ from "
                             f"{train.path} ({train.class_names} / {train.dims})")
+    validate_feature_store(train, dev, test)   # labels, finite values, duplicated ids (validation.py)
     return DataSplits(train, dev, test, list(train.class_names), *train.dims)
