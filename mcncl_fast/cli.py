@@ -13,7 +13,10 @@ from pathlib import Path
 
 from .data import DATASETS
 from .model import ModelConfig
-from .train import LR_SCHEDULES, PRECISIONS, TrainConfig, UserError, evaluate, format_report, train
+from .evaluation import evaluate, format_report
+from .runtime import LR_SCHEDULES, PRECISIONS, TrainConfig
+from .data.errors import UserError
+from .train import train
 
 DATASET_HELP = ("synthetic: generated MELD-shaped data (no file); meld / iemocap: a DialogueRNN/COSMIC feature "
                 "pickle (9-tuple) as --data-path - dev is carved from train (10%%, fixed seed); MELD has no visual "

@@ -1,7 +1,6 @@
-"""Training and evaluation loops, checkpoints and the metrics report.
+"""The training loop: epochs of TrainStep (mcncl_fast/step.py), dev evaluation, checkpoints, the test report.
 
-Checkpoints are written atomically (temp file in the same folder, then
-os.replace) and hold everything needed to resume bit-for-bit: model and
+Checkpoints (mcncl_fast/checkpoints.py) are written atomically and hold everything needed to resume bit-for-bit: model and
 optimizer state, epoch, best dev score, RNG state, and the run's options.
 The shuffling order of epoch e depends only on (seed, e), so a resumed run
 sees the same batches as an uninterrupted one.
@@ -14,166 +13,32 @@ and dev/test metrics are computed over the whole split (sharded, gathered).
 """
 from __future__ import annotations
 
-import contextlib
-import json
 import math
-import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
 import torch
-from sklearn.metrics import classification_report, f1_score
-from sklearn.metrics import confusion_matrix
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Subset
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 from tqdm.auto import tqdm
 
 from . import distributed
-from .data import DataSplits, collate_dialogues, load_dataset
-from .data.buckets import ShapeBuckets
 from .checkpoints import CHECKPOINT_VERSION, load_checkpoint, save_checkpoint
+from .data import DataSplits, load_dataset
 from .data.errors import UserError
-from .model import Model, ModelConfig
-from .reference.ops import IGNORE_INDEX
+from .evaluation import evaluate, evaluate_split, format_report, metrics_report, predict_split, write_report
+from .model import ModelConfig
+from .runtime import (LR_SCHEDULES, PRECISIONS, RESUME_OVERRIDES, TrainConfig, autocast, batch_to_device,
+                      build_model, collate_fn, model_config_for, resolve_device)
 from .step import CudaGraphStep, TrainStep, load_optimizer_state, make_optimizer
 
-MODALITY_INPUTS = {"t": "text", "a": "audio", "v": "visual"}
+__all__ = ["train", "evaluate", "TrainConfig", "UserError", "load_checkpoint", "save_checkpoint", "metrics_report",
+           "format_report", "LR_SCHEDULES", "PRECISIONS", "CHECKPOINT_VERSION", "evaluate_split"]
 
 
-PRECISIONS = ("fp32", "bf16")
-LR_SCHEDULES = ("constant", "cosine", "linear")
-# options a resumed run may change (everything else comes from the checkpoint)
-RESUME_OVERRIDES = ("epochs", "output_dir", "device", "num_workers", "patience", "compile", "compile_backend",
-                    "shape_buckets", "cuda_graphs")
 LOG_EVERY = 50   # steps between progress-bar loss updates (each reads the running loss: one host sync)
-
-
-@dataclass
-class TrainConfig:
-    dataset: str = "synthetic"
-    data_path: Optional[str] = None
-    synthetic_scale: float = 1.0
-    device: str = "auto"
-    seed: int = 0
-    epochs: int = 6
-    batch_size: int = 16
-    lr: float = 5e-4
-    weight_decay: float = 1e-4
-    grad_clip: float = 1.0
-    output_dir: str = "runs/mcncl"
-    modalities: str = "tav"
-    num_workers: int = 0
-    model: dict = field(default_factory=dict)   # ModelConfig overrides (dims come from the data)
-    visual_path: Optional[str] = None           # per-utterance visual features for meld/iemocap pickles
-    precision: str = "fp32"                     # fp32 | bf16 (torch.autocast)
-    compile: bool = False                       # torch.compile the model
-    compile_backend: str = "inductor"
-    lr_schedule: str = "constant"               # constant | cosine | linear (after the warmup)
-    warmup_ratio: float = 0.0                   # fraction of all steps with a linear warmup from 0
-    min_lr_ratio: float = 0.0                   # floor of cosine/linear decay, relative to --lr
-    patience: int = 0                           # stop after this many epochs without a better dev F1 (0 = off)
-    shape_buckets: bool = False                 # pad batches to a few static shapes (data/buckets.py)
-    cuda_graphs: bool = False                   # capture the training step per shape bucket and replay it
-
-    def __post_init__(self):
-        checks = {"epochs": self.epochs >= 1, "batch_size": self.batch_size >= 1, "lr": self.lr > 0,
-                  "weight_decay": self.weight_decay >= 0, "grad_clip": self.grad_clip >= 0,
-                  "synthetic_scale": self.synthetic_scale > 0, "num_workers": self.num_workers >= 0,
-                  "precision": self.precision in PRECISIONS, "lr_schedule": self.lr_schedule in LR_SCHEDULES,
-                  "warmup_ratio": 0.0 <= self.warmup_ratio < 1.0, "min_lr_ratio": 0.0 <= self.min_lr_ratio <= 1.0,
-                  "patience": self.patience >= 0, "compile_backend": bool(self.compile_backend)}
-        for name, ok in checks.items():
-            if not ok:
-                raise UserError(f"--{name.replace('_', '-')}: invalid value {getattr(self, name)!r}")
-        if not self.modalities or set(self.modalities) - set("tav") or len(set(self.modalities)) != len(self.modalities):
-            raise UserError(f"--modalities: expected a non-empty combination of t, a, v, got {self.modalities!r}")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise UserError(f"--device: {exc}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device: {name} requested but CUDA is not available on this machine")
-    return device
-
-
-def batch_to_device(batch, device, modalities: str = "tav"):
-    """Move a collated batch; inputs of modalities left out are zeroed (single-modality ablations)."""
-    out = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-    for m, key in MODALITY_INPUTS.items():
-        if m not in modalities:
-            out[key] = torch.zeros_like(out[key])
-    return out
-
-
-def metrics_report(y_true, y_pred, class_names) -> dict:
-    labels = list(range(len(class_names)))
-    if len(y_true) == 0:   # an empty split (e.g. every clip of a tiny extraction skipped)
-        zeros = {name: 0.0 for name in class_names}
-        return {"weighted_f1": 0.0, "accuracy": 0.0, "per_class_f1": zeros, "support": dict.fromkeys(class_names, 0),
-                "class_names": list(class_names), "confusion_matrix": [[0] * len(labels) for _ in labels],
-                "classification_report": "(no utterances)"}
-    report = classification_report(y_true, y_pred, labels=labels, target_names=class_names,
-                                   output_dict=True, zero_division=0)
-    return {"weighted_f1": float(f1_score(y_true, y_pred, labels=labels, average="weighted", zero_division=0)),
-            "accuracy": float(np.mean(np.asarray(y_true) == np.asarray(y_pred))) if len(y_true) else 0.0,
-            "per_class_f1": {name: float(report[name]["f1-score"]) for name in class_names},
-            "support": {name: int(report[name]["support"]) for name in class_names},
-            "class_names": list(class_names),
-            "confusion_matrix": confusion_matrix(y_true, y_pred, labels=labels).tolist(),
-            "classification_report": classification_report(y_true, y_pred, labels=labels, target_names=class_names,
-                                                           digits=4, zero_division=0)}
-
-
-def autocast(device, precision: str = "fp32", cache_enabled: bool = True):
-    """cache_enabled=False under CUDA graph capture (autocast's weight-cast cache would go stale)."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, cache_enabled=cache_enabled)
-
-
-@torch.no_grad()
-def predict(model, loader, device, modalities="tav", desc="eval", precision="fp32", show=True):
-    model.eval()
-    y_true, y_pred = [torch.zeros(0, dtype=torch.int64)], [torch.zeros(0, dtype=torch.int64)]
-    for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=not show):
-        batch = batch_to_device(batch, device, modalities)
-        with autocast(device, precision):
-            logits = model(batch["text"], batch["audio"], batch["visual"], batch["utterance_mask"],
-                           batch["frame_mask"]).logits
-        mask = batch["utterance_mask"] & (batch["labels"] != IGNORE_INDEX)
-        y_true.append(batch["labels"][mask].cpu())
-        y_pred.append(logits[mask].float().argmax(-1).cpu())
-    return torch.cat(y_true).numpy(), torch.cat(y_pred).numpy()
-
-
-def predict_split(model, cfg, dataset, device, ctx=None, desc="eval"):
-    """Labels and predictions over the WHOLE dataset; under DDP each rank predicts a shard, then gather."""
-    ctx = ctx or distributed.DistContext(device=device)
-    if ctx.enabled:
-        dataset = Subset(dataset, distributed.shard_indices(len(dataset), ctx))
-    loader = eval_loader(cfg, dataset)
-    y_true, y_pred = predict(model, loader, device, cfg.modalities, desc, cfg.precision, show=ctx.is_main) \
-        if len(dataset) else (np.zeros(0, np.int64), np.zeros(0, np.int64))
-    parts = distributed.gather_objects((y_true, y_pred), ctx)
-    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
-
-
-def build_model(model_config: ModelConfig, device) -> Model:
-    return Model(model_config).to(device)
-
-
-def model_config_for(cfg: TrainConfig, splits: DataSplits) -> ModelConfig:
-    try:
-        return ModelConfig(**{**cfg.model, **splits.model_dims()})
-    except (TypeError, ValueError) as exc:
-        raise UserError(str(exc)) from None
 
 
 def loaders(cfg: TrainConfig, splits: DataSplits, epoch: int, ctx=None):
@@ -185,16 +50,6 @@ def loaders(cfg: TrainConfig, splits: DataSplits, epoch: int, ctx=None):
         sampler = RandomSampler(splits.train, generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch))
     common = dict(batch_size=cfg.batch_size, collate_fn=collate_fn(cfg), num_workers=cfg.num_workers)
     return DataLoader(splits.train, sampler=sampler, **common)
-
-
-def eval_loader(cfg: TrainConfig, dataset):
-    return DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False, collate_fn=collate_fn(cfg),
-                      num_workers=cfg.num_workers)
-
-
-def collate_fn(cfg: TrainConfig):
-    """Shape buckets with --shape-buckets or --cuda-graphs (a graph per shape), else the tightest padding."""
-    return ShapeBuckets(batch_size=cfg.batch_size) if cfg.shape_buckets or cfg.cuda_graphs else collate_dialogues
 
 
 # --------------------------------------------------------------------- training
@@ -369,47 +224,3 @@ def _train(cfg, state, ctx, out_dir, step_callback):
     return report
 
 
-def evaluate_split(model, cfg: TrainConfig, splits: DataSplits, split: str, device, ctx=None) -> dict:
-    dataset = {"train": splits.train, "dev": splits.dev, "test": splits.test}[split]
-    y_true, y_pred = predict_split(model, cfg, dataset, device, ctx, desc=split)
-    report = metrics_report(y_true, y_pred, splits.class_names)
-    report.update({"split": split, "dataset": cfg.dataset, "num_utterances": int(len(y_true))})
-    return report
-
-
-def evaluate(checkpoint_path, split: str = "test", device: str = "auto", output: Optional[str] = None) -> dict:
-    """Metrics of a saved model on a split. With `output` (a .json path), the F1 table (markdown) and the
-    confusion-matrix PNG are written beside it as <stem>_f1_table.md and <stem>_confusion.png."""
-    state = load_checkpoint(checkpoint_path)
-    cfg = TrainConfig(**{**state["train_config"], "device": device})
-    dev = resolve_device(device)
-    splits = load_dataset(cfg.dataset, cfg.data_path, seed=cfg.seed, synthetic_scale=cfg.synthetic_scale,
-                          visual_path=cfg.visual_path)
-    model = build_model(ModelConfig.from_dict(state["model_config"]), dev)
-    model.load_state_dict(state["model"])
-    report = evaluate_split(model, cfg, splits, split, dev)
-    report["checkpoint"] = str(checkpoint_path)
-    if output:
-        from .reports import write_reports
-        output = Path(output)
-        report["files"] = write_reports(report, output.parent, output.stem)
-        report["files"]["report_json"] = str(output)
-        write_report(report, output)
-    return report
-
-
-def write_report(report: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2))
-    os.replace(tmp, path)
-
-
-def format_report(report: dict) -> str:
-    from .reports import f1_table
-    lines = [f"{report['dataset']} {report['split']}: weighted F1 {report['weighted_f1']:.4f}  "
-             f"accuracy {report['accuracy']:.4f}  ({report['num_utterances']} utterances)",
-             report["classification_report"], f1_table(report)]
-    if report.get("files"):
-        lines.append("written: " + "  ".join(report["files"].values()))
-    return "\n".join(lines)

@@ -1,0 +1,112 @@
+"""Evaluation: predictions over a split, the metrics report (scikit-learn), `evaluate` of a checkpoint."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from sklearn.metrics import classification_report, confusion_matrix, f1_score
+from torch.utils.data import Subset
+from tqdm.auto import tqdm
+
+from . import distributed
+from .checkpoints import load_checkpoint
+from .data import DataSplits, load_dataset
+from .model import ModelConfig
+from .reference.ops import IGNORE_INDEX
+from .runtime import TrainConfig, autocast, batch_to_device, build_model, eval_loader, resolve_device
+
+
+def metrics_report(y_true, y_pred, class_names) -> dict:
+    labels = list(range(len(class_names)))
+    if len(y_true) == 0:   # an empty split (e.g. every clip of a tiny extraction skipped)
+        zeros = {name: 0.0 for name in class_names}
+        return {"weighted_f1": 0.0, "accuracy": 0.0, "per_class_f1": zeros, "support": dict.fromkeys(class_names, 0),
+                "class_names": list(class_names), "confusion_matrix": [[0] * len(labels) for _ in labels],
+                "classification_report": "(no utterances)"}
+    report = classification_report(y_true, y_pred, labels=labels, target_names=class_names,
+                                   output_dict=True, zero_division=0)
+    return {"weighted_f1": float(f1_score(y_true, y_pred, labels=labels, average="weighted", zero_division=0)),
+            "accuracy": float(np.mean(np.asarray(y_true) == np.asarray(y_pred))) if len(y_true) else 0.0,
+            "per_class_f1": {name: float(report[name]["f1-score"]) for name in class_names},
+            "support": {name: int(report[name]["support"]) for name in class_names},
+            "class_names": list(class_names),
+            "confusion_matrix": confusion_matrix(y_true, y_pred, labels=labels).tolist(),
+            "classification_report": classification_report(y_true, y_pred, labels=labels, target_names=class_names,
+                                                           digits=4, zero_division=0)}
+
+
+@torch.no_grad()
+def predict(model, loader, device, modalities="tav", desc="eval", precision="fp32", show=True):
+    model.eval()
+    y_true, y_pred = [torch.zeros(0, dtype=torch.int64)], [torch.zeros(0, dtype=torch.int64)]
+    for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=not show):
+        batch = batch_to_device(batch, device, modalities)
+        with autocast(device, precision):
+            logits = model(batch["text"], batch["audio"], batch["visual"], batch["utterance_mask"],
+                           batch["frame_mask"]).logits
+        mask = batch["utterance_mask"] & (batch["labels"] != IGNORE_INDEX)
+        y_true.append(batch["labels"][mask].cpu())
+        y_pred.append(logits[mask].float().argmax(-1).cpu())
+    return torch.cat(y_true).numpy(), torch.cat(y_pred).numpy()
+
+
+def predict_split(model, cfg, dataset, device, ctx=None, desc="eval"):
+    """Labels and predictions over the WHOLE dataset; under DDP each rank predicts a shard, then gather."""
+    ctx = ctx or distributed.DistContext(device=device)
+    if ctx.enabled:
+        dataset = Subset(dataset, distributed.shard_indices(len(dataset), ctx))
+    loader = eval_loader(cfg, dataset)
+    y_true, y_pred = predict(model, loader, device, cfg.modalities, desc, cfg.precision, show=ctx.is_main) \
+        if len(dataset) else (np.zeros(0, np.int64), np.zeros(0, np.int64))
+    parts = distributed.gather_objects((y_true, y_pred), ctx)
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def evaluate_split(model, cfg: TrainConfig, splits: DataSplits, split: str, device, ctx=None) -> dict:
+    dataset = {"train": splits.train, "dev": splits.dev, "test": splits.test}[split]
+    y_true, y_pred = predict_split(model, cfg, dataset, device, ctx, desc=split)
+    report = metrics_report(y_true, y_pred, splits.class_names)
+    report.update({"split": split, "dataset": cfg.dataset, "num_utterances": int(len(y_true))})
+    return report
+
+
+def evaluate(checkpoint_path, split: str = "test", device: str = "auto", output: Optional[str] = None) -> dict:
+    """Metrics of a saved model on a split. With `output` (a .json path), the F1 table (markdown) and the
+    confusion-matrix PNG are written beside it as <stem>_f1_table.md and <stem>_confusion.png."""
+    state = load_checkpoint(checkpoint_path)
+    cfg = TrainConfig(**{**state["train_config"], "device": device})
+    dev = resolve_device(device)
+    splits = load_dataset(cfg.dataset, cfg.data_path, seed=cfg.seed, synthetic_scale=cfg.synthetic_scale,
+                          visual_path=cfg.visual_path)
+    model = build_model(ModelConfig.from_dict(state["model_config"]), dev)
+    model.load_state_dict(state["model"])
+    report = evaluate_split(model, cfg, splits, split, dev)
+    report["checkpoint"] = str(checkpoint_path)
+    if output:
+        from .reports import write_reports
+        output = Path(output)
+        report["files"] = write_reports(report, output.parent, output.stem)
+        report["files"]["report_json"] = str(output)
+        write_report(report, output)
+    return report
+
+
+def write_report(report: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(report, indent=2))
+    os.replace(tmp, path)
+
+
+def format_report(report: dict) -> str:
+    from .reports import f1_table
+    lines = [f"{report['dataset']} {report['split']}: weighted F1 {report['weighted_f1']:.4f}  "
+             f"accuracy {report['accuracy']:.4f}  ({report['num_utterances']} utterances)",
+             report["classification_report"], f1_table(report)]
+    if report.get("files"):
+        lines.append("written: " + "  ".join(report["files"].values()))
+    return "\n".join(lines)
