@@ -14,6 +14,11 @@ head dim is contiguous, so head split/merge views ([B, S, H, Dh] memory seen as
 Masked keys are skipped by tiles: the key loops (forward, dq) stop after the last valid key
 of the batch entry, so padding at the end costs nothing and the loop body has no branch
 (software pipelining stays on); a dk/dv program whose key tile holds no valid key writes zeros.
+The loop bound, per (group, batch) entry 1 + the index of its last valid key (0 if none), is
+computed once per forward by `_keys_end_kernel` (one small launch over the mask rows) into an
+int32 tensor with the mask's leading shape ([B] or [G, B]); the forward and dq kernels read one
+int32 per program, and the backward reuses the forward's tensor. Within that bound each key tile
+is still checked against the mask (masks need not be prefixes).
 
 Key padding: mask [B, Lk] (or [G, B, Lk]) bool, True = attend. A batch entry with
 no valid key gives a zero output and zero gradients: its LSE is stored as +inf so
@@ -87,16 +92,24 @@ def _program_coords(H, B, L, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _keys_end(MASK, mask_off, LK, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr):
-    """1 + the index of the last valid key (0 if none): the key loops stop there, so padded tiles
-    at the end (dialogue padding) are skipped without a branch in the pipelined loop."""
+def _keys_end_kernel(MASK, END, sm_g, sm_b, B, ROWS, LK, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr):
+    """END[r] = 1 + the index of the last valid key of mask row r = g·B + b (0 if none), for r < ROWS."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < ROWS
+    base = (rows // B).to(tl.int64) * sm_g + (rows % B).to(tl.int64) * sm_b
+    end = tl.zeros([BLOCK_R], tl.int32)
+    for start in range(0, LK, BLOCK_L):
+        cols = start + tl.arange(0, BLOCK_L)
+        keep = tl.load(MASK + base[:, None] + cols[None, :], mask=row_ok[:, None] & (cols < LK)[None, :], other=0)
+        end = tl.maximum(end, tl.max(tl.where(keep != 0, cols[None, :] + 1, 0), axis=1))
+    tl.store(END + rows, end, mask=row_ok)
+
+
+@triton.jit
+def _keys_end(END, g, b, se_g, se_b, LK, HAS_MASK: tl.constexpr):
+    """The key loops' bound: the entry's precomputed key end (no key after it is valid), else LK."""
     if HAS_MASK:
-        end = tl.zeros([], tl.int32)
-        for start in range(0, LK, BLOCK):
-            cols = start + tl.arange(0, BLOCK)
-            keep = tl.load(MASK + mask_off + cols, mask=cols < LK, other=0)
-            end = tl.maximum(end, tl.max(tl.where(keep != 0, cols + 1, 0), axis=0))
-        return end
+        return tl.load(END + g * se_g + b * se_b)
     else:
         return LK
 
@@ -111,9 +124,9 @@ def _key_valid(MASK, mask_off, cols, LK, HAS_MASK: tl.constexpr):
 
 
 @triton.jit
-def _attn_fwd_kernel(Q, K, V, O, LSE, MASK,
+def _attn_fwd_kernel(Q, K, V, O, LSE, MASK, END,
                      sq_g, sq_b, sq_h, sq_l, sk_g, sk_b, sk_h, sk_l,
-                     sv_g, sv_b, sv_h, sv_l, so_g, so_b, so_h, so_l, sm_g, sm_b,
+                     sv_g, sv_b, sv_h, sv_l, so_g, so_b, so_h, so_l, sm_g, sm_b, se_g, se_b,
                      B, H, LQ, LK, qk_scale, LQ_KEY, LK_KEY,
                      HEAD_DIM: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -131,7 +144,7 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, MASK,
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    for start_n in range(0, _keys_end(MASK, mask_off, LK, HAS_MASK, BLOCK_N), BLOCK_N):
+    for start_n in range(0, _keys_end(END, g, b, se_g, se_b, LK, HAS_MASK), BLOCK_N):
         cols = start_n + offs_n
         in_range = cols < LK
         valid = _key_valid(MASK, mask_off, cols, LK, HAS_MASK)
@@ -157,10 +170,10 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, MASK,
 
 
 @triton.jit
-def _attn_bwd_dq_kernel(Q, K, V, O, DO, DQ, LSE, DELTA, MASK,
+def _attn_bwd_dq_kernel(Q, K, V, O, DO, DQ, LSE, DELTA, MASK, END,
                         sq_g, sq_b, sq_h, sq_l, sk_g, sk_b, sk_h, sk_l, sv_g, sv_b, sv_h, sv_l,
                         so_g, so_b, so_h, so_l, sdo_g, sdo_b, sdo_h, sdo_l,
-                        sdq_g, sdq_b, sdq_h, sdq_l, sm_g, sm_b,
+                        sdq_g, sdq_b, sdq_h, sdq_l, sm_g, sm_b, se_g, se_b,
                         B, H, LQ, LK, qk_scale, sm_scale, LQ_KEY, LK_KEY,
                         HEAD_DIM: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -182,7 +195,7 @@ def _attn_bwd_dq_kernel(Q, K, V, O, DO, DQ, LSE, DELTA, MASK,
     lse = tl.load(LSE + z * LQ + rows, mask=row_ok, other=float("inf"))
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    for start_n in range(0, _keys_end(MASK, mask_off, LK, HAS_MASK, BLOCK_N), BLOCK_N):
+    for start_n in range(0, _keys_end(END, g, b, se_g, se_b, LK, HAS_MASK), BLOCK_N):
         cols = start_n + offs_n
         in_range = cols < LK
         valid = _key_valid(MASK, mask_off, cols, LK, HAS_MASK)
@@ -288,36 +301,77 @@ _empty_like = torch.empty_like
 _empty = torch.empty
 
 
+def _end_strides(mask, key_end):
+    if mask is None:
+        return 0, 0
+    if key_end.dim() == 1:
+        return 0, key_end.stride(0)
+    return key_end.stride(0), key_end.stride(1)
+
+
+KEYS_END_ROWS = 16                  # mask rows per program of _keys_end_kernel
+KEYS_END_WARPS, KEYS_END_STAGES = 2, 1
+
+
+def keys_end_block(lk):
+    """Key columns per step of _keys_end_kernel: Lk rounded up to a power of two, in [16, 128]."""
+    return min(max(triton.next_power_of_2(max(lk, 1)), 16), 128)
+
+
+def keys_end(mask):
+    """int32 tensor with the mask's leading shape ([B] or [G, B]): per entry 1 + the index of its last
+    valid key, 0 if it has none. One launch (none for an empty mask); no host sync."""
+    end = _empty(mask.shape[:-1], device=mask.device, dtype=torch.int32)
+    rows, lk = end.numel(), mask.shape[-1]
+    if rows == 0:
+        return end
+    if lk == 0:
+        return end.zero_()
+    sm_g, sm_b = _mask_strides(mask)
+    _keys_end_kernel[(triton.cdiv(rows, KEYS_END_ROWS),)](
+        mask, end, sm_g, sm_b, mask.shape[-2], rows, lk, BLOCK_R=KEYS_END_ROWS, BLOCK_L=keys_end_block(lk),
+        num_warps=KEYS_END_WARPS, num_stages=KEYS_END_STAGES)
+    return end
+
+
 def attention_forward(q, k, v, mask, scale, config=None):
     """q [G, B, H, Lq, Dh], k/v [G, B, H, Lk, Dh] (head dim contiguous), mask None / [B, Lk] / [G, B, Lk] bool.
 
-    Returns (out with q's layout, lse [G*B*H, Lq] float32 in log2 units)."""
+    Returns (out with q's layout, lse [G*B*H, Lq] float32 in log2 units, key_end): key_end is `keys_end(mask)`
+    ([B] or [G, B] int32), to be passed to attention_backward; an empty int32 tensor without a mask."""
     g, b, h, lq, _ = q.shape
     z = g * b * h
     out = _empty_like(q)
     lse = _empty((z, lq), device=q.device, dtype=torch.float32)
+    key_end = _empty((0,), device=q.device, dtype=torch.int32) if mask is None else keys_end(mask)
     if q.numel() == 0 or k.shape[3] == 0:          # no query, or no key at all: zero output
-        return out.zero_(), lse.fill_(float("inf"))
+        return out.zero_(), lse.fill_(float("inf")), key_end
     common = _common(q, k, mask)
-    args = (q, k, v, out, lse, q if mask is None else mask, *_strides(q), *_strides(k), *_strides(v),
-            *_strides(out), *_mask_strides(mask))
+    mask_arg, end_arg = (q, q) if mask is None else (mask, key_end)
+    args = (q, k, v, out, lse, mask_arg, end_arg, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
+            *_mask_strides(mask), *_end_strides(mask, key_end))
     _launch(attn_fwd, lq, z, args, dict(common, qk_scale=scale * LOG2E), config)
-    return out, lse
+    return out, lse, key_end
 
 
-def attention_backward(grad_out, q, k, v, out, lse, mask, scale, config=None):
-    """dq, dk, dv (each with its input's layout) for attention_forward's output."""
+def attention_backward(grad_out, q, k, v, out, lse, mask, scale, config=None, key_end=None):
+    """dq, dk, dv (each with its input's layout) for attention_forward's output. key_end: the forward's
+    (computed here when a direct caller leaves it out)."""
     g, b, h, lq, _ = q.shape
     z = g * b * h
     dq, dk, dv = _empty_like(q), _empty_like(k), _empty_like(v)
     if q.numel() == 0 or k.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
+    if mask is not None and key_end is None:
+        key_end = keys_end(mask)
     delta = _empty_like(lse)
     common = dict(_common(q, k, mask), qk_scale=scale * LOG2E, sm_scale=scale)
     mask_arg = q if mask is None else mask
     ms = _mask_strides(mask)
-    _launch(attn_bwd_dq, lq, z, (q, k, v, out, grad_out, dq, lse, delta, mask_arg, *_strides(q), *_strides(k),
-                                 *_strides(v), *_strides(out), *_strides(grad_out), *_strides(dq), *ms),
+    end_arg = q if mask is None else key_end
+    _launch(attn_bwd_dq, lq, z, (q, k, v, out, grad_out, dq, lse, delta, mask_arg, end_arg, *_strides(q), *_strides(k),
+                                 *_strides(v), *_strides(out), *_strides(grad_out), *_strides(dq), *ms,
+                                 *_end_strides(mask, key_end)),
             common, config)
     _launch(attn_bwd_dkdv, k.shape[3], z, (q, k, v, grad_out, dk, dv, lse, delta, mask_arg, *_strides(q),
                                            *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dk),

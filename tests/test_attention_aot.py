@@ -33,6 +33,8 @@ def _signature(kernel, dtype):
             sig[name] = "*fp32"
         elif name == "MASK":
             sig[name] = "*i1"
+        elif name == "END":
+            sig[name] = "*i32"
         elif name in ("qk_scale", "sm_scale"):
             sig[name] = "fp32"
         elif name not in ("HEAD_DIM", "HAS_MASK", "PRECISION", "BLOCK_M", "BLOCK_N"):
@@ -41,13 +43,15 @@ def _signature(kernel, dtype):
 
 
 def _launch_values(head_dim, groups=3, batch=16, heads=8, length=24):
-    """Integer arguments of a grouped launch in the model's layout (mask [B, Lk]: strides 0, Lk)."""
+    """Integer arguments of a grouped launch in the model's layout (mask [B, Lk]: strides 0, Lk; key ends
+    [B]: strides 0, 1)."""
     strides = {"g": batch * length * heads * head_dim, "b": length * heads * head_dim, "h": head_dim,
                "l": heads * head_dim}
     values = {f"s{t}_{axis}": stride for t in ("q", "k", "v", "o", "do", "dq", "dk", "dv")
               for axis, stride in strides.items()}
     key = 1 << (length - 1).bit_length()
-    return dict(values, sm_g=0, sm_b=length, B=batch, H=heads, LQ=length, LK=length, LQ_KEY=key, LK_KEY=key)
+    return dict(values, sm_g=0, sm_b=length, se_g=0, se_b=1, B=batch, H=heads, LQ=length, LK=length, LQ_KEY=key,
+                LK_KEY=key)
 
 
 def _launched_configs(kind, dtype, head_dim):
@@ -105,3 +109,21 @@ def test_compiles_within_shared_memory(kind, dtype, head_dim, record_property):
                                                   kind)
             shared[str(config)] = used
     record_property("shared_bytes", shared)
+
+
+@pytest.mark.parametrize("lk", [24, 33, 110, 300])
+@pytest.mark.parametrize("per_group", [False, True], ids=["mask-B-Lk", "mask-G-B-Lk"])
+def test_keys_end_kernel_compiles(lk, per_group):
+    """The key-end kernel at each column block it launches with (keys_end_block), for a shared [B, Lk]
+    and a per-group [G, B, Lk] mask (3 groups x 16 dialogues)."""
+    kernel = kernels._keys_end_kernel
+    sig = {"MASK": "*i1", "END": "*i32", "sm_g": "i32", "sm_b": "i32", "B": "i32", "ROWS": "i32", "LK": "i32"}
+    batch = 16
+    values = dict(sm_g=batch * lk if per_group else 0, sm_b=lk, B=batch, ROWS=3 * batch if per_group else batch, LK=lk)
+    divisible, ones = launch_hints(kernel, sig, values)
+    constexprs = dict(BLOCK_R=kernels.KEYS_END_ROWS, BLOCK_L=kernels.keys_end_block(lk), **ones)
+    out = compile_for_targets(kernel, sig, constexprs, num_warps=kernels.KEYS_END_WARPS,
+                              num_stages=kernels.KEYS_END_STAGES,
+                              divisible=divisible)
+    for target in TARGETS:
+        assert "cubin" in out[target.name].asm

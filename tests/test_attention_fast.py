@@ -12,16 +12,22 @@ import torch.nn.functional as F
 import mcncl_fast.kernels.attention as kernels
 from mcncl_fast import ops
 from mcncl_fast.reference import ops as ref
-from tests.helpers import TOLERANCE, assert_close_rel, kernel_devices, poison_
+from tests.helpers import INTERPRET, TOLERANCE, assert_close_rel, kernel_devices, poison_
 
 DEVICES = kernel_devices()
 pytestmark = pytest.mark.skipif(not DEVICES, reason="no Triton device: needs TRITON_INTERPRET=1 or CUDA")
 
 
+def _poison(t):
+    """NaN for float buffers; -1 for the int32 key ends (a bound that skips every key: an unwritten
+    entry shows up as a zero output where the reference has none)."""
+    return poison_(t) if t.is_floating_point() else t.fill_(-1)
+
+
 @pytest.fixture(autouse=True)
 def _poison_kernel_outputs(monkeypatch):
-    monkeypatch.setattr(kernels, "_empty_like", lambda t: poison_(torch.empty_like(t)))
-    monkeypatch.setattr(kernels, "_empty", lambda *a, **kw: poison_(torch.empty(*a, **kw)))
+    monkeypatch.setattr(kernels, "_empty_like", lambda t: _poison(torch.empty_like(t)))
+    monkeypatch.setattr(kernels, "_empty", lambda *a, **kw: _poison(torch.empty(*a, **kw)))
 
 
 def _inputs(shape_q, lk, dtype, device, mask_kind="random"):
@@ -38,7 +44,21 @@ def _inputs(shape_q, lk, dtype, device, mask_kind="random"):
     elif mask_kind == "prefix":                 # dialogue padding: valid utterances first
         lengths = torch.randint(1, lk + 1, (b,), device=device)
         mask = torch.arange(lk, device=device)[None, :] < lengths[:, None]
+    elif mask_kind == "holes":                  # not a prefix: a masked run in the middle, the last key valid
+        mask = _holes_mask(b, lk, device)
     return q, k, v, mask
+
+
+def _holes_mask(b, lk, device, seed=None):
+    """[b, lk]: random keys with every key of [lk/4, 3lk/4) masked, the first and last keys valid;
+    the last entry (b > 1) fully masked."""
+    gen = None if seed is None else torch.Generator(device=device).manual_seed(seed)
+    mask = torch.rand(b, lk, device=device, generator=gen) > 0.4
+    mask[:, lk // 4: (3 * lk) // 4] = False
+    mask[:, 0] = mask[:, -1] = True
+    if b > 1:
+        mask[-1] = False
+    return mask
 
 
 def _grads(out, inputs, grad_out):
@@ -70,6 +90,9 @@ CASES = [
     (2, 1, 50, 33, 64, torch.float16, "random"),
     (1, 2, 17, 3, 128, torch.bfloat16, None),
     (2, 1, 3, 130, 16, torch.float16, "prefix"),
+    (3, 1, 5, 200, 16, torch.float32, "holes"),       # a hole over a whole 64-key tile, fully masked entry
+    (2, 2, 17, 9, 32, torch.float32, "holes"),
+    (2, 1, 33, 70, 64, torch.bfloat16, "holes"),
 ]
 
 
@@ -155,6 +178,40 @@ def _reference_loop(q, k, v, mask, scale=None):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d).replace("torch.", ""))
+def test_grouped_per_group_masks_with_holes(device, dtype):
+    """[G, B, Lk] masks that differ per group: holes, and a fully masked entry at a different b in each
+    group (each (g, b) reads its own key end)."""
+    g, b, h, lq, lk, dh = 3, 3, 2, 9, 70, 32
+    q, k, v, _ = _inputs((g, b, h, lq, dh), lk, dtype, device, mask_kind=None)
+    mask = torch.stack([_holes_mask(b, lk, device, seed=i).roll(i, dims=0) for i in range(g)])
+    mask[1, 1, : lk - 5] = False                       # group 1, entry 1: only keys in the last tile valid
+    assert mask[1, 1].any()
+    assert [int(i) for i in (~mask.any(-1)).nonzero()[:, 1]] == [2, 0, 1]   # a fully masked entry per group
+    out, _ = _check_against_reference(q, k, v, mask, fn=ops.attention_grouped, ref_fn=_reference_loop)
+    for i, empty in enumerate((2, 0, 1)):
+        assert (out[i, empty] == 0).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(5, 3), (2, 40, 300), (3, 7, 1), (0, 4)], ids=str)
+def test_keys_end(device, shape):
+    """1 + the last valid key per mask row, 0 for a row without one; several programs (rows > 16) and
+    several column steps (Lk > 128); a mask view whose rows are not contiguous."""
+    lk = shape[-1]
+    wide = torch.rand(*shape[:-1], lk + 5, device=device) > 0.7
+    mask = wide[..., :lk]                              # row stride lk + 5
+    if mask.numel():
+        mask.view(-1, lk)[::3] = False                 # rows without a valid key
+        mask.view(-1, lk)[1::5, -1] = True             # rows whose last key is valid
+    cols = torch.arange(1, lk + 1, device=device, dtype=torch.int32)
+    expected = torch.where(mask, cols, 0).amax(-1) if lk else torch.zeros(shape[:-1], dtype=torch.int32)
+    end = kernels.keys_end(mask)
+    assert end.dtype == torch.int32 and end.shape == mask.shape[:-1]
+    assert torch.equal(end.cpu(), expected.cpu().to(torch.int32))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_head_split_views_keep_their_layout(device):
     """q/k/v as head-split views of [B, S, H·Dh] (no copy): the output has q's layout, so merge is a view."""
     b, s, h, dh = 2, 17, 2, 32
@@ -184,11 +241,103 @@ def test_every_config_in_the_interpreter(device):
     grads_ref = _grads(out_ref, (q, k, v), grad_out)
     configs = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]): c for c in kernels.FWD_CONFIGS + kernels.DQ_CONFIGS + kernels.DKDV_CONFIGS}
     for config in configs.values():
-        out, lse = kernels.attention_forward(*x, mask, scale, config=config)
+        out, lse, key_end = kernels.attention_forward(*x, mask, scale, config=config)
         assert_close_rel(out[0], out_ref, torch.float32, f"out {config}")
-        grads = kernels.attention_backward(grad_out.unsqueeze(0), *x, out, lse, mask, scale, config=config)
+        grads = kernels.attention_backward(grad_out.unsqueeze(0), *x, out, lse, mask, scale, config=config,
+                                           key_end=key_end)
         for name, g, g_ref in zip(("dq", "dk", "dv"), grads, grads_ref):
             assert_close_rel(g[0], g_ref, torch.float32, f"{name} {config}")
+
+
+# ------------------------------------------------------------------------------ key ends, autograd
+class _LaunchSpy:
+    """Stands in for a @triton.jit kernel: counts `kernel[grid](...)` launches, then launches it."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.kernel[grid]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("grouped", [False, True])
+def test_key_end_computed_once_in_forward_not_in_backward(device, grouped, monkeypatch):
+    spy = _LaunchSpy(kernels._keys_end_kernel)
+    monkeypatch.setattr(kernels, "_keys_end_kernel", spy)
+    backward = kernels.attention_backward
+    seen = []
+    monkeypatch.setattr(kernels, "attention_backward",
+                        lambda *a, **kw: seen.append(kw.get("key_end")) or backward(*a, **kw))
+    shape = (3, 2, 2, 17, 32) if grouped else (2, 2, 17, 32)
+    q, k, v, mask = _inputs(shape, 40, torch.float32, device, mask_kind="holes")
+    fn, ref_fn = (ops.attention_grouped, _reference_loop) if grouped else (ops.attention, ref.attention)
+    out = fn(q, k, v, mask)
+    assert spy.launches == 1
+    _grads(out, (q, k, v), torch.randn_like(out))
+    assert spy.launches == 1                           # the backward reuses the forward's key ends
+    fn(q, k, v, None)                                  # no mask: no key ends
+    assert spy.launches == 1
+    assert len(seen) == 1 and seen[0].dtype == torch.int32 and seen[0].shape == mask.shape[:-1]
+    assert torch.equal(seen[0], kernels.keys_end(mask))
+    _check_against_reference(q, k, v, mask, fn=fn, ref_fn=ref_fn)
+
+
+@pytest.mark.skipif(not INTERPRET, reason="device operations are counted through the interpreter")
+def test_device_ops_per_call():
+    """Forward: the key-end launch + the attention launch, nothing else; backward: the dq and dk/dv
+    launches only (the key ends come from the forward)."""
+    from benchmarks.device_ops import DeviceOps
+    q, k, v, mask = _inputs((3, 2, 2, 17, 32), 40, torch.float32, "cpu", mask_kind="holes")
+    with DeviceOps() as fwd:
+        out = ops.attention_grouped(q, k, v, mask)
+    grad_out = torch.randn_like(out)
+    with DeviceOps() as bwd:
+        _grads(out, (q, k, v), grad_out)
+    assert [name for _, _, name in fwd.records] == ["_keys_end_kernel", "_attn_fwd_kernel"], fwd.records
+    assert [name for _, _, name in bwd.records] == ["_attn_bwd_dq_kernel", "_attn_bwd_dkdv_kernel"], bwd.records
+    assert fwd.syncs == bwd.syncs == []
+
+
+class _DropGrad(torch.autograd.Function):
+    """Uses its input in the forward, passes no gradient back to it."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("grouped", [False, True])
+def test_gradient_through_part_of_the_graph(device, grouped, monkeypatch):
+    """Grads are not materialised: where the output's gradient is None nothing launches and q/k/v get
+    no gradient from the op; where part of the output is used the grads match the reference."""
+    shape = (2, 2, 2, 9, 16) if grouped else (2, 2, 9, 16)
+    q, k, v, mask = _inputs(shape, 12, torch.float32, device, mask_kind="holes")
+    fn, ref_fn = (ops.attention_grouped, _reference_loop) if grouped else (ops.attention, ref.attention)
+    w = torch.randn(q.shape[:-2] + (4, q.shape[-1]), device=device)
+
+    def loss(attn):                                    # only rows 2..5 of the output are used
+        out = attn(q, k, v, mask)
+        return (out[..., 2:6, :] * w).sum() + q.square().sum()
+
+    grads = _grads(loss(fn), (q, k, v), None)
+    grads_ref = _grads(loss(ref_fn), (q, k, v), None)
+    for name, g, g_ref in zip(("dq", "dk", "dv"), grads, grads_ref):
+        assert_close_rel(g, g_ref, torch.float32, name)
+
+    launched = []
+    backward = kernels.attention_backward
+    monkeypatch.setattr(kernels, "attention_backward", lambda *a, **kw: launched.append(1) or backward(*a, **kw))
+    out = fn(q, k, v, mask)
+    dq, dk = torch.autograd.grad(_DropGrad.apply(out).sum() + q.square().sum(), (q, k), allow_unused=True)
+    assert launched == []
+    assert torch.equal(dq, 2 * q.detach()) and dk is None
 
 
 # ------------------------------------------------------------------------------ tracing
@@ -218,6 +367,14 @@ def test_opcheck(device):
     q, k, v, mask = _inputs((2, 1, 2, 5, 16), 7, torch.float32, device)
     torch.library.opcheck(_attention_fwd, (q, k, v, mask, 0.25))
     torch.library.opcheck(_attention_fwd, (q, k, v, None, 0.25))
+    per_group = torch.stack([mask, ~mask])
+    torch.library.opcheck(_attention_fwd, (q.expand(2, *q.shape[1:]), k.expand(2, *k.shape[1:]),
+                                           v.expand(2, *v.shape[1:]), per_group, 0.25))
+    from mcncl_fast.ops.attention import _attention_bwd
+    x = [t.detach() for t in (q, k, v)]
+    for m in (mask, None):
+        out, lse, key_end = _attention_fwd(*x, m, 0.25)
+        torch.library.opcheck(_attention_bwd, (torch.randn_like(out), *x, out, lse, m, key_end, 0.25))
 
 
 # ------------------------------------------------------------------------------ dispatch, errors

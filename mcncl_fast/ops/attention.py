@@ -40,47 +40,58 @@ def _out_like(t):
 
 
 # ----------------------------------------------------------------------------- custom ops
+# attention_fwd returns (out, lse, key_end): lse [G·B·H, Lq] float32 and key_end (int32, the mask's leading
+# shape [B] / [G, B], per entry 1 + its last valid key; empty without a mask) are saved for attention_bwd,
+# so the backward neither recomputes the softmax statistics nor rescans the mask.
 @torch.library.custom_op("mcncl_fast::attention_fwd", mutates_args=())
 def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
-                   scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+                   scale: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     q, k, v = (_head_dim_contiguous(t) for t in (q, k, v))
     mask = None if key_padding_mask is None else key_padding_mask.contiguous()
     with input_device(q):
         return kernels.attention_forward(q, k, v, mask, scale)
 
 
+def _key_end_shape(key_padding_mask):
+    return (0,) if key_padding_mask is None else tuple(key_padding_mask.shape[:-1])
+
+
 @_attention_fwd.register_fake
 def _(q, k, v, key_padding_mask, scale):
     g, b, h, lq, _ = q.shape
-    return _out_like(q), q.new_empty((g * b * h, lq), dtype=torch.float32)
+    return (_out_like(q), q.new_empty((g * b * h, lq), dtype=torch.float32),
+            q.new_empty(_key_end_shape(key_padding_mask), dtype=torch.int32))
 
 
 @torch.library.custom_op("mcncl_fast::attention_bwd", mutates_args=())
 def _attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                   lse: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
+                   lse: torch.Tensor, key_padding_mask: Optional[torch.Tensor], key_end: torch.Tensor,
                    scale: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     grad_out, q, k, v, out = (_head_dim_contiguous(t) for t in (grad_out, q, k, v, out))
     mask = None if key_padding_mask is None else key_padding_mask.contiguous()
     with input_device(q):
-        return kernels.attention_backward(grad_out, q, k, v, out, lse, mask, scale)
+        return kernels.attention_backward(grad_out, q, k, v, out, lse, mask, scale, key_end=key_end)
 
 
 @_attention_bwd.register_fake
-def _(grad_out, q, k, v, out, lse, key_padding_mask, scale):
+def _(grad_out, q, k, v, out, lse, key_padding_mask, key_end, scale):
     return _out_like(q), _out_like(k), _out_like(v)
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, key_padding_mask, scale = inputs
-    out, lse = output
-    ctx.mark_non_differentiable(lse)
-    ctx.save_for_backward(q, k, v, out, lse, key_padding_mask)
+    out, lse, key_end = output
+    ctx.mark_non_differentiable(lse, key_end)
+    ctx.set_materialize_grads(False)      # lse's gradient is never used; out's may be None (then no launch)
+    ctx.save_for_backward(q, k, v, out, lse, key_padding_mask, key_end)
     ctx.scale = scale
 
 
-def _backward(ctx, grad_out, _grad_lse):
-    q, k, v, out, lse, key_padding_mask = ctx.saved_tensors
-    dq, dk, dv = _attention_bwd(grad_out, q, k, v, out, lse, key_padding_mask, ctx.scale)
+def _backward(ctx, grad_out, _grad_lse, _grad_key_end):
+    if grad_out is None:                  # the output is not used by what is differentiated
+        return None, None, None, None, None
+    q, k, v, out, lse, key_padding_mask, key_end = ctx.saved_tensors
+    dq, dk, dv = _attention_bwd(grad_out, q, k, v, out, lse, key_padding_mask, key_end, ctx.scale)
     return dq, dk, dv, None, None
 
 
@@ -96,7 +107,7 @@ def attention(q, k, v, key_padding_mask=None, scale=None):
     if not _fast_path(q):
         return reference_ops.attention(q, k, v, key_padding_mask, scale)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    out, _ = _attention_fwd(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), key_padding_mask, scale)
+    out = _attention_fwd(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), key_padding_mask, scale)[0]
     return out.squeeze(0)
 
 
@@ -109,5 +120,4 @@ def attention_grouped(q, k, v, key_padding_mask=None, scale=None):
     if not _fast_path(q):
         return reference_ops.attention_grouped(q, k, v, key_padding_mask, scale)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    out, _ = _attention_fwd(q, k, v, key_padding_mask, scale)
-    return out
+    return _attention_fwd(q, k, v, key_padding_mask, scale)[0]
