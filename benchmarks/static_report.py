@@ -88,7 +88,7 @@ def attention_launches(pkg, dtype):
         return torch.zeros(g, b, length, h, dh, dtype=dtype).transpose(2, 3)
     mask = padding_mask(b, length)
     values = dict(q=layout(), k=layout(), v=layout(), out=layout(), grad_out=layout(), mask=mask, scale=dh ** -0.5,
-                  lse=torch.zeros(g * b * h, length))
+                  lse=torch.zeros(g * b * h, length), key_end=torch.full((b,), length, dtype=torch.int32))
     yield "attention fwd", pkg.attention.attention_forward, values
     yield "attention bwd", pkg.attention.attention_backward, values
 
