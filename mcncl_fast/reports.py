@@ -1,8 +1,8 @@
 """Reports written after train/evaluate: the paper-style F1 table, a confusion matrix and training curves.
 
 * `f1_table(report)`: markdown laid out like the paper's Tables 1-2: one row,
-  the classes as columns in the data set's class order, weighted F1 last, values
-  in percent with two decimals.
+  the classes as columns in the data set's class order, then weighted F1, macro F1
+  and accuracy, values in percent with two decimals.
 * `save_confusion_png(report, path)`: row-normalised confusion matrix (true
   class per row) with the counts printed in each cell.
 * `save_curves_png(history, path)`: mean training loss and dev weighted F1 per epoch.
@@ -17,12 +17,19 @@ from typing import List, Optional, Sequence
 import numpy as np
 
 
+# overall scores after the per-class columns: (column title, report key, name); a key the report lacks is left out
+SUMMARY_COLUMNS = (("W-F1", "weighted_f1", "weighted F1"), ("M-F1", "macro_f1", "macro F1"),
+                   ("Acc", "accuracy", "accuracy"))
+
+
 def f1_table(report: dict, row_name: str = "MCN-CL (mcncl_fast)") -> str:
     classes = list(report["per_class_f1"])
-    header = "| Model | " + " | ".join(c.capitalize() for c in classes) + " | W-F1 |"
-    rule = "|---|" + "---:|" * (len(classes) + 1)
-    cells = [f"{100 * report['per_class_f1'][c]:.2f}" for c in classes] + [f"{100 * report['weighted_f1']:.2f}"]
-    title = f"{report.get('dataset', '')} {report.get('split', '')}: per-class F1 (%) and weighted F1".strip()
+    summary = [column for column in SUMMARY_COLUMNS if column[1] in report]
+    header = "| Model | " + " | ".join([c.capitalize() for c in classes] + [c[0] for c in summary]) + " |"
+    rule = "|---|" + "---:|" * (len(classes) + len(summary))
+    cells = [f"{100 * report['per_class_f1'][c]:.2f}" for c in classes] + [f"{100 * report[c[1]]:.2f}" for c in summary]
+    scores = ", ".join(c[2] for c in summary)
+    title = f"{report.get('dataset', '')} {report.get('split', '')}: per-class F1 (%), {scores}".strip()
     return "\n".join([f"**{title}**", "", header, rule, f"| {row_name} | " + " | ".join(cells) + " |", ""])
 
 
@@ -98,7 +105,24 @@ def write_reports(report: dict, directory, prefix: str, history: Optional[Sequen
     directory.mkdir(parents=True, exist_ok=True)
     table = directory / f"{prefix}_f1_table.md"
     table.write_text(f1_table(report))
-    written = {"f1_table": str(table), "confusion_png": str(save_confusion_png(report, directory / f"{prefix}_confusion.png"))}
+    confusion = save_confusion_png(report, directory / f"{prefix}_confusion.png")
+    written = {"f1_table": str(table), "confusion_png": str(confusion)}
     if history:
         written["curves_png"] = str(save_curves_png(history, directory / "curves.png"))
     return written
+
+
+def seeds_table(summary: dict) -> str:
+    """Markdown of a seed sweep (experiments.summarize): one row per seed, then mean ± std."""
+    columns = [("Dev W-F1", "dev_weighted_f1"), ("Test W-F1", "test_weighted_f1"), ("Test M-F1", "test_macro_f1"),
+               ("Test Acc", "test_accuracy")]
+    lines = [f"**{summary['dataset']}: {len(summary['runs'])} seeds, test at the best dev weighted F1 epoch (%)**", "",
+             "| Seed | Best epoch | " + " | ".join(title for title, _ in columns) + " |",
+             "|---:|---:|" + "---:|" * len(columns)]
+    for run in summary["runs"]:
+        cells = [f"{100 * run[key]:.2f}" for _, key in columns]
+        lines.append(f"| {run['seed']} | {run['best_epoch']} | " + " | ".join(cells) + " |")
+    cells = [f"{100 * summary['mean'][key]:.2f} ± {100 * summary['std'][key]:.2f}" for _, key in columns]
+    lines.append("| mean ± std | | " + " | ".join(cells) + " |")
+    lines += ["", f"std: sample standard deviation over the seeds (ddof={summary['std_ddof']})", ""]
+    return "\n".join(lines)

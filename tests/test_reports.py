@@ -24,21 +24,37 @@ def test_metrics_report_confusion_and_f1():
     # by hand: happy P=1/2 R=1/2 F1=.5; sad P=2/3 R=1 F1=.8; neutral P=1 R=2/3 F1=.8
     assert r["per_class_f1"] == pytest.approx({"happy": 0.5, "sad": 0.8, "neutral": 0.8})
     assert r["weighted_f1"] == pytest.approx((2 * 0.5 + 2 * 0.8 + 3 * 0.8) / 7)
+    assert r["macro_f1"] == pytest.approx((0.5 + 0.8 + 0.8) / 3)
+    assert r["accuracy"] == pytest.approx(5 / 7)
     assert r["class_names"] == NAMES
     empty = metrics_report([], [], NAMES)
-    assert empty["confusion_matrix"] == [[0] * 3] * 3 and empty["weighted_f1"] == 0.0
+    assert empty["confusion_matrix"] == [[0] * 3] * 3 and empty["weighted_f1"] == 0.0 == empty["macro_f1"]
+
+
+def test_macro_f1_counts_every_class():
+    # "neutral" neither occurs nor is predicted: F1 0 in the mean over the 3 classes (classification_report's
+    # macro avg); happy P=1 R=1/2 -> 2/3, sad P=1/2 R=1 -> 2/3
+    r = metrics_report([0, 0, 1], [0, 1, 1], NAMES)
+    assert r["macro_f1"] == pytest.approx((2 / 3 + 2 / 3 + 0) / 3)
+    r = metrics_report([0, 1, 1, 0], [0, 1, 1, 1], NAMES)
+    assert r["per_class_f1"] == pytest.approx({"happy": 2 / 3, "sad": 0.8, "neutral": 0.0})
+    assert r["macro_f1"] == pytest.approx((2 / 3 + 0.8 + 0.0) / 3)
 
 
 def test_f1_table_layout():
-    report = {"dataset": "iemocap", "split": "test", "weighted_f1": 0.6543,
+    report = {"dataset": "iemocap", "split": "test", "weighted_f1": 0.6543, "macro_f1": 0.4745, "accuracy": 0.7,
               "per_class_f1": {"happy": 0.5, "sad": 0.8, "neutral": 0.12345}}
     assert f1_table(report, row_name="ours").splitlines() == [
-        "**iemocap test: per-class F1 (%) and weighted F1**",
+        "**iemocap test: per-class F1 (%), weighted F1, macro F1, accuracy**",
         "",
-        "| Model | Happy | Sad | Neutral | W-F1 |",
-        "|---|---:|---:|---:|---:|",
-        "| ours | 50.00 | 80.00 | 12.35 | 65.43 |",
+        "| Model | Happy | Sad | Neutral | W-F1 | M-F1 | Acc |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+        "| ours | 50.00 | 80.00 | 12.35 | 65.43 | 47.45 | 70.00 |",
     ]
+    del report["macro_f1"], report["accuracy"]     # an older report: the columns it has
+    assert f1_table(report, row_name="ours").splitlines()[2:] == [
+        "| Model | Happy | Sad | Neutral | W-F1 |", "|---|---:|---:|---:|---:|",
+        "| ours | 50.00 | 80.00 | 12.35 | 65.43 |"]
 
 
 def test_pngs(tmp_path):
@@ -61,8 +77,11 @@ def test_train_and_evaluate_write_reports(tmp_path, monkeypatch, capsys):
     printed = capsys.readouterr().out
     report = json.loads((out / "report.json").read_text())
     table = (out / "test_f1_table.md").read_text()
-    assert table in printed and "| Neutral | Surprise | Fear | Sadness | Joy | Disgust | Anger | W-F1 |" in table
-    assert f"{100 * report['weighted_f1']:.2f} |" in table
+    assert table in printed
+    assert "| Neutral | Surprise | Fear | Sadness | Joy | Disgust | Anger | W-F1 | M-F1 | Acc |" in table
+    assert (f"| {100 * report['weighted_f1']:.2f} | {100 * report['macro_f1']:.2f} | "
+            f"{100 * report['accuracy']:.2f} |") in table
+    assert report["macro_f1"] == pytest.approx(np.mean(list(report["per_class_f1"].values())), abs=1e-12)
     cm = np.asarray(report["confusion_matrix"])
     assert cm.shape == (7, 7) and cm.sum() == report["num_utterances"]
     assert np.trace(cm) / cm.sum() == pytest.approx(report["accuracy"])

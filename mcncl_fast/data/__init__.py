@@ -27,14 +27,19 @@ DATASETS = ("synthetic", "meld", "iemocap", "features")
 
 
 def load_dataset(name: str, path=None, seed: int = 0, synthetic_scale: float = 1.0, visual_path=None,
-                 dev_fraction: float = DEV_FRACTION, label_set=None) -> DataSplits:
+                 dev_fraction: float = DEV_FRACTION, label_set=None, roberta: str = "mean") -> DataSplits:
     """Splits of a named data set. `path` is the data file or folder for real data sets;
     `visual_path` an optional per-utterance visual feature file for the pickles (MELD has none).
     `label_set`: None (the data's own classes), "meld-sentiment" (MELD pickles with sentiment labels:
     negative, neutral, positive) or "iemocap-4" (IEMOCAP pickles: happy+excited -> happy, sad, neutral,
-    angry; frustrated -> ignored, label -100); label_sets.py states the mappings."""
+    angry; frustrated -> ignored, label -100); label_sets.py states the mappings. `roberta`: how the
+    four RoBERTa arrays of a COSMIC pickle become the text stream (pickles.py; other files: "mean" only)."""
     if name in ("meld", "iemocap"):
-        return load_erc_pickle(name, path, visual_path=visual_path, dev_fraction=dev_fraction, label_set=label_set)
+        return load_erc_pickle(name, path, visual_path=visual_path, dev_fraction=dev_fraction, label_set=label_set,
+                               roberta=roberta)
+    if roberta != "mean" and name in DATASETS:
+        raise UserError(f"--roberta {roberta}: only for COSMIC RoBERTa pickles (--dataset meld/iemocap), "
+                        f"not --dataset {name}")
     check_label_set(label_set)
     if label_set is not None and name in DATASETS:
         raise UserError(f"label set {label_set}: only for --dataset meld/iemocap, not --dataset {name}")
