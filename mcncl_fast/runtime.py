@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import contextlib
+import math
+import re
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -11,6 +13,7 @@ from torch.utils.data import DataLoader
 from .data import DataSplits, collate_dialogues
 from .data.buckets import ShapeBuckets
 from .data.errors import UserError
+from .imbalance import CLASS_WEIGHTS, class_weights_for
 from .model import Model, ModelConfig
 
 MODALITY_INPUTS = {"t": "text", "a": "audio", "v": "visual"}
@@ -47,19 +50,33 @@ class TrainConfig:
     patience: int = 0                           # stop after this many epochs without a better dev F1 (0 = off)
     shape_buckets: bool = False                 # pad batches to a few static shapes (data/buckets.py)
     cuda_graphs: bool = False                   # capture the training step per shape bucket and replay it
+    label_set: Optional[str] = None             # meld-sentiment | iemocap-4 (data.LABEL_SETS); None: the file's
+    roberta: str = "mean"                       # COSMIC pickles: how the four RoBERTa arrays become the text
+    class_weights: str = "none"                 # none | balanced (inverse class frequency of train, imbalance.py)
 
     def __post_init__(self):
+        for name in FLOAT_OPTIONS:
+            if not math.isfinite(getattr(self, name)):
+                raise UserError(f"--{name.replace('_', '-')}: expected a finite number, got {getattr(self, name)!r}")
         checks = {"epochs": self.epochs >= 1, "batch_size": self.batch_size >= 1, "lr": self.lr > 0,
+                  "seed": 0 <= self.seed < 2**32,
                   "weight_decay": self.weight_decay >= 0, "grad_clip": self.grad_clip >= 0,
                   "synthetic_scale": self.synthetic_scale > 0, "num_workers": self.num_workers >= 0,
                   "precision": self.precision in PRECISIONS, "lr_schedule": self.lr_schedule in LR_SCHEDULES,
                   "warmup_ratio": 0.0 <= self.warmup_ratio < 1.0, "min_lr_ratio": 0.0 <= self.min_lr_ratio <= 1.0,
-                  "patience": self.patience >= 0, "compile_backend": bool(self.compile_backend)}
+                  "patience": self.patience >= 0, "compile_backend": bool(self.compile_backend),
+                  "class_weights": self.class_weights in CLASS_WEIGHTS}
         for name, ok in checks.items():
             if not ok:
                 raise UserError(f"--{name.replace('_', '-')}: invalid value {getattr(self, name)!r}")
+        if not isinstance(self.device, str) or DEVICE_PATTERN.fullmatch(self.device) is None:
+            raise UserError(f"--device: expected auto, cpu, cuda or cuda:N, got {self.device!r}")
         if not self.modalities or set(self.modalities) - set("tav") or len(set(self.modalities)) != len(self.modalities):
             raise UserError(f"--modalities: expected a non-empty combination of t, a, v, got {self.modalities!r}")
+
+
+FLOAT_OPTIONS = ("lr", "weight_decay", "grad_clip", "synthetic_scale", "warmup_ratio", "min_lr_ratio")
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -71,6 +88,8 @@ def resolve_device(name: str) -> torch.device:
         raise UserError(f"--device: {exc}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device: {name} requested but CUDA is not available on this machine")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"--device: {name} requested but this machine has {torch.cuda.device_count()} GPU(s)")
     return device
 
 
@@ -96,7 +115,8 @@ def build_model(model_config: ModelConfig, device) -> Model:
 
 def model_config_for(cfg: TrainConfig, splits: DataSplits) -> ModelConfig:
     try:
-        return ModelConfig(**{**cfg.model, **splits.model_dims()})
+        weights = class_weights_for(cfg.class_weights, splits)   # None unless --class-weights balanced
+        return ModelConfig(**{**cfg.model, **splits.model_dims(), **({"class_weights": weights} if weights else {})})
     except (TypeError, ValueError) as exc:
         raise UserError(str(exc)) from None
 

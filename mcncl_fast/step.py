@@ -12,14 +12,16 @@ its time is launch and Python overhead, which a replay removes. What makes the s
   happens first in an ordinary step: the first batch of each shape runs eagerly on a side stream,
   then the step is captured, and later batches of that shape replay it. No batch is run twice.
 
-The loss a step returns is a 0-d device tensor; a replayed graph overwrites it at its next replay, so
-use it (e.g. add it to a running sum) before the next step.
+A step returns [loss, gradient norm] as a device tensor; a replayed graph overwrites it at its next
+replay, so use it (e.g. add it to a running sum) before the next step.
 """
 from __future__ import annotations
 
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
+
+from .data.errors import UserError
 
 Batch = Dict[str, torch.Tensor]
 
@@ -54,7 +56,8 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
 
 class TrainStep:
     """forward_loss(batch) -> 0-d loss; then backward, clipping (max norm `grad_clip`, 0 = off) and
-    the optimizer step. Returns the detached loss."""
+    the optimizer step. Returns a device tensor [loss, gradient norm] (the norm before clipping): both
+    finite unless the step diverged, which the caller can check whenever it reads them."""
 
     def __init__(self, forward_loss: Callable[[Batch], torch.Tensor], model: torch.nn.Module,
                  optimizer: torch.optim.Optimizer, grad_clip: float = 0.0):
@@ -68,9 +71,12 @@ class TrainStep:
         loss = self.forward_loss(batch)
         loss.backward()
         if self.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip, foreach=True)
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip, foreach=True)
+        else:
+            grads = [p.grad for p in self.params if p.grad is not None]
+            grad_norm = torch.nn.utils.get_total_norm(grads, foreach=True)
         self.optimizer.step()
-        return loss.detach()
+        return torch.stack([loss.detach().float(), grad_norm.float()])
 
 
 Capture = Callable[[Callable[[], torch.Tensor]], Tuple[Callable[[], None], torch.Tensor]]
@@ -125,3 +131,45 @@ class CudaGraphStep:
             static_batch[name].copy_(t, non_blocking=True)
         replay()
         return static_loss
+
+
+class NonFiniteError(UserError):
+    """The loss or the gradient norm of a step was NaN or infinite."""
+
+
+class StepLog:
+    """The [loss, gradient norm] of each step, kept on the device and read in windows of `window` steps:
+    one host read per window instead of one per step. `read()` returns the window's mean loss and
+    raises NonFiniteError naming the first step whose loss or gradient norm is not finite."""
+
+    def __init__(self, device, epoch: int, window: int = 50):
+        self.values = torch.zeros(window, 2, device=device)
+        self.epoch, self.steps, self.filled, self.loss_sum = epoch, 0, 0, 0.0
+
+    def add(self, step_output: torch.Tensor) -> None:
+        self.values[self.filled].copy_(step_output)
+        self.steps, self.filled = self.steps + 1, self.filled + 1
+
+    @property
+    def full(self) -> bool:
+        return self.filled == self.values.shape[0]
+
+    def read(self) -> float:
+        """Mean loss of the steps added since the last read (nan if none)."""
+        values = self.values[:self.filled].cpu()
+        first = self.steps - self.filled
+        bad = (~torch.isfinite(values)).any(dim=1).nonzero()
+        if len(bad):
+            i = int(bad[0, 0])
+            loss, norm = values[i].tolist()
+            raise NonFiniteError(f"training diverged at epoch {self.epoch + 1}, step {first + i + 1}: loss {loss}, "
+                                 f"gradient norm {norm}; no checkpoint was written for this epoch (lower --lr, "
+                                 f"check the data, or use --grad-clip)")
+        self.loss_sum += float(values[:, 0].sum())
+        self.filled = 0
+        return float(values[:, 0].mean()) if len(values) else float("nan")
+
+    def epoch_mean(self) -> float:
+        """Reads what is left and returns the mean loss over the epoch."""
+        self.read()
+        return self.loss_sum / self.steps if self.steps else float("nan")

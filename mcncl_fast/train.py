@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import math
 import time
+import uuid
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterable, Optional
 
 import numpy as np
 import torch
@@ -30,9 +31,11 @@ from .data import DataSplits, load_dataset
 from .data.errors import UserError
 from .evaluation import evaluate, evaluate_split, format_report, metrics_report, predict_split, write_report
 from .model import ModelConfig
-from .runtime import (LR_SCHEDULES, PRECISIONS, RESUME_OVERRIDES, TrainConfig, autocast, batch_to_device,
+from .runtime import (LR_SCHEDULES, PRECISIONS, TrainConfig, autocast, batch_to_device,
                       build_model, collate_fn, model_config_for, resolve_device)
-from .step import CudaGraphStep, TrainStep, load_optimizer_state, make_optimizer
+from .resume import check_same_data, data_summary, resumed_config
+from .run_dir import RunDirectory
+from .step import CudaGraphStep, StepLog, TrainStep, load_optimizer_state, make_optimizer
 
 __all__ = ["train", "evaluate", "TrainConfig", "UserError", "load_checkpoint", "save_checkpoint", "metrics_report",
            "format_report", "LR_SCHEDULES", "PRECISIONS", "CHECKPOINT_VERSION", "evaluate_split"]
@@ -81,25 +84,37 @@ def _compiled(module, cfg: TrainConfig):
 
 
 def train(cfg: TrainConfig, resume: Optional[str] = None,
-          step_callback: Optional[Callable[[int, int, float], None]] = None) -> dict:
+          step_callback: Optional[Callable[[int, int, float], None]] = None,
+          explicit: Optional[Iterable[str]] = None, overwrite: bool = False,
+          epoch_callback: Optional[Callable[[dict], None]] = None) -> dict:
     """Train, keep the best dev checkpoint, report on test. Returns the report dict.
 
+    resume: a checkpoint to continue (mcncl_fast/resume.py); `explicit` names the options the user gave
+    (the command line knows; from Python, the fields of `cfg` that differ from the defaults).
+    overwrite: replace the checkpoints of an earlier run in the output folder.
+    epoch_callback(entry): called on the main process after each epoch with the epoch's history entry
+    (epoch, train_loss, dev_weighted_f1, lr), e.g. mcncl_fast.tracking.TensorBoardCallback.
     Under torchrun (WORLD_SIZE > 1) this runs DDP; every rank returns the same report.
     """
-    out_dir = Path(cfg.output_dir)
-    state = load_checkpoint(resume) if resume else None
-    if state is not None:
-        saved = TrainConfig(**state["train_config"])
-        # the data and the model must be those of the checkpoint; epochs/output/... may change
-        cfg = TrainConfig(**{**asdict(saved), **{k: getattr(cfg, k) for k in RESUME_OVERRIDES}})
-    ctx = distributed.setup(resolve_device(cfg.device))
+    state, notes = None, []
+    if resume:
+        state = load_checkpoint(resume)
+        cfg, notes = resumed_config(state["train_config"], cfg, explicit, Path(resume))
+    device = resolve_device(cfg.device)
+    ctx = distributed.setup(device)
+    run_dir = RunDirectory(cfg.output_dir)
     try:
-        return _train(cfg, state, ctx, out_dir, step_callback)
+        if ctx.is_main:
+            run_dir.open(resuming=state is not None, overwrite=overwrite)
+        for note in notes if ctx.is_main else ():
+            tqdm.write(f"resume: {note}")
+        return _train(cfg, state, ctx, Path(cfg.output_dir), step_callback, epoch_callback)
     finally:
+        run_dir.close()
         distributed.cleanup(ctx)
 
 
-def _train(cfg, state, ctx, out_dir, step_callback):
+def _train(cfg, state, ctx, out_dir, step_callback, epoch_callback=None):
     device, main = ctx.device, ctx.is_main
     log = tqdm.write if main else (lambda *a, **k: None)
     if cfg.precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
@@ -111,9 +126,12 @@ def _train(cfg, state, ctx, out_dir, step_callback):
         raise UserError("--cuda-graphs: not supported with several processes (torchrun); run without it")
     torch.manual_seed(cfg.seed)
     splits = load_dataset(cfg.dataset, cfg.data_path, seed=cfg.seed, synthetic_scale=cfg.synthetic_scale,
-                          visual_path=cfg.visual_path)
+                          visual_path=cfg.visual_path, label_set=cfg.label_set, roberta=cfg.roberta)
     if len(splits.train) == 0:
         raise UserError(f"--dataset {cfg.dataset}: the train split is empty")
+    check_same_data(state.get("data") if state else None, splits, cfg)
+    # rank 0's id on every rank: the id names the run, whose best.pt every rank reads at the end
+    run_id = distributed.gather_objects(state.get("run_id") if state else uuid.uuid4().hex, ctx)[0]
     model_config = ModelConfig.from_dict(state["model_config"]) if state else model_config_for(cfg, splits)
     model = build_model(model_config, device)
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, capturable=cfg.cuda_graphs)
@@ -163,7 +181,7 @@ def _train(cfg, state, ctx, out_dir, step_callback):
                 "scheduler": scheduler.state_dict(),
                 "model_config": model_config.to_dict(), "train_config": asdict(cfg),
                 "class_names": splits.class_names, "best_dev_f1": best_f1, "history": history,
-                "world_size": ctx.world_size,
+                "world_size": ctx.world_size, "run_id": run_id, "data": data_summary(splits),
                 "rng": {"torch": torch.get_rng_state(),
                         "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}}
 
@@ -174,28 +192,24 @@ def _train(cfg, state, ctx, out_dir, step_callback):
             log(f"early stopping: no better dev weighted F1 for {cfg.patience} epochs")
             break
         model.train()
-        # the losses stay on the device (a running sum): reading each one would sync host and device
-        loss_sum, window_sum, steps, window = torch.zeros((), device=device), torch.zeros((), device=device), 0, 0
+        log_steps = StepLog(device, epoch, LOG_EVERY)      # losses stay on the device, read once per window
         bar = tqdm(loaders(cfg, splits, epoch, ctx), desc=f"epoch {epoch + 1}/{cfg.epochs}", dynamic_ncols=True,
                    disable=not main)
         for step, batch in enumerate(bar):
-            loss = train_step(batch_to_device(batch, device, cfg.modalities))
+            log_steps.add(train_step(batch_to_device(batch, device, cfg.modalities)))
             scheduler.step()
-            loss_sum += loss
-            window_sum += loss
-            steps, window = steps + 1, window + 1
             if step_callback is not None:
-                step_callback(epoch, step, loss.item())
-            if main and (window == LOG_EVERY or step == 0):
+                step_callback(epoch, step, float(log_steps.values[log_steps.filled - 1, 0]))
+            if log_steps.full or step == 0:
                 lr_now = cfg.lr * lr_factor(scheduler.last_epoch - 1, total_steps, cfg)
-                bar.set_postfix(loss=f"{window_sum.item() / window:.4f}", lr=f"{lr_now:.2e}")
-                window_sum.zero_()
-                window = 0
-        losses = [loss_sum.item() / steps] if steps else []
+                bar.set_postfix(loss=f"{log_steps.read():.4f}", lr=f"{lr_now:.2e}")
+        losses = [log_steps.epoch_mean()] if log_steps.steps else []
         y_true, y_pred = predict_split(eval_forward, cfg, splits.dev, device, ctx, desc="dev")
         dev = metrics_report(y_true, y_pred, splits.class_names)
         history.append({"epoch": epoch + 1, "train_loss": float(np.mean(losses)) if losses else float("nan"),
                         "dev_weighted_f1": dev["weighted_f1"], "lr": float(scheduler.get_last_lr()[0])})
+        if main and epoch_callback is not None:
+            epoch_callback(history[-1])
         improved = dev["weighted_f1"] > best_f1
         if improved:
             best_f1 = dev["weighted_f1"]
@@ -209,8 +223,11 @@ def _train(cfg, state, ctx, out_dir, step_callback):
     train_seconds = time.time() - started
 
     best_path = out_dir / "best.pt"
-    if best_path.exists():
-        model.load_state_dict(load_checkpoint(best_path)["model"])
+    best = load_checkpoint(best_path) if best_path.exists() else None
+    if best is None or best.get("run_id") != run_id:      # the test score is this run's, at its best dev epoch
+        raise UserError(f"{best_path}: {'missing' if best is None else 'written by another run'}; "
+                        f"this run has no best checkpoint to report on")
+    model.load_state_dict(best["model"])
     report = evaluate_split(eval_forward, cfg, splits, "test", device, ctx)
     report.update({"best_dev_weighted_f1": best_f1, "history": history, "train_seconds": train_seconds,
                    "checkpoint": str(best_path), "modalities": cfg.modalities, "stopped_early": stopped_early,

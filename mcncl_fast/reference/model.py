@@ -12,6 +12,7 @@ are shared by construction.
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import Dict, List, Optional
 
@@ -44,6 +45,7 @@ class ModelConfig:
     alpha: float = 0.1
     beta: float = 0.1
     gamma: float = 0.1
+    class_weights: Optional[tuple] = None   # per-class CE weights (K floats >= 0), e.g. mcncl_fast.imbalance
 
     def __post_init__(self):
         for name in ("text_dim", "audio_dim", "visual_dim", "d_model", "num_layers", "num_heads",
@@ -62,13 +64,22 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.kv_source: expected 'input' or 'layer', got {self.kv_source!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"ModelConfig.dropout: expected a value in [0, 1), got {self.dropout!r}")
-        if not self.temperature > 0:
-            raise ValueError(f"ModelConfig.temperature: expected > 0, got {self.temperature!r}")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise ValueError(f"ModelConfig.temperature: expected a finite value > 0, got {self.temperature!r}")
         if not 0.0 < self.hard_ratio <= 1.0:
             raise ValueError(f"ModelConfig.hard_ratio: expected a value in (0, 1], got {self.hard_ratio!r}")
         for name in ("alpha", "beta", "gamma"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"ModelConfig.{name}: expected >= 0, got {getattr(self, name)!r}")
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise ValueError(f"ModelConfig.{name}: expected a finite value >= 0, got {getattr(self, name)!r}")
+        if self.class_weights is not None:
+            try:
+                weights = tuple(float(w) for w in self.class_weights)
+            except (TypeError, ValueError):
+                weights = ()
+            if len(weights) != self.num_classes or not all(0 <= w < float("inf") for w in weights) or not any(weights):
+                raise ValueError(f"ModelConfig.class_weights: expected None or {self.num_classes} finite weights >= 0, "
+                                 f"not all 0, got {self.class_weights!r}")
+            self.class_weights = weights   # a tuple: hashable, the key of the cached device tensor
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -192,7 +203,12 @@ class Model(nn.Module):
 
     # -- forward ----------------------------------------------------------------------
     def encode(self, text, audio, visual, utterance_mask, frame_mask=None):
-        """Unimodal features C_t, C_a, C_v, each [B, S, d]."""
+        """Unimodal features C_t, C_a, C_v, each [B, S, d]. Padded utterances and frames are zeroed first:
+        whatever they hold (NaN included) never reaches a real output (0 * NaN would)."""
+        keep = utterance_mask.unsqueeze(-1)
+        text, audio = torch.where(keep, text, 0.0), torch.where(keep, audio, 0.0)
+        frame_keep = keep if frame_mask is None else frame_mask & keep
+        visual = torch.where(frame_keep.unsqueeze(-1), visual, 0.0)
         b, s, length, _ = visual.shape
         frames = self.encoders["v"](visual).reshape(b * s, length, -1)
         fm = None if frame_mask is None else frame_mask.reshape(b * s, length)
@@ -235,6 +251,12 @@ def _loss_weights(alpha: float, beta: float, gamma: float, device: torch.device)
     return torch.tensor([alpha, beta, gamma], device=device)
 
 
+@functools.lru_cache(maxsize=16)
+def _class_weights(weights: tuple, device: torch.device) -> torch.Tensor:
+    # ModelConfig.class_weights as a device tensor, made once per device (as _loss_weights)
+    return torch.tensor(weights, dtype=torch.float32, device=device)
+
+
 def mcncl_loss(cfg: ModelConfig, logits, projections, labels, utterance_mask, supcon, gather_rows=None):
     """CE + α·L_t + β·L_a + γ·L_v over the valid utterances (DESIGN.md §3).
 
@@ -244,13 +266,17 @@ def mcncl_loss(cfg: ModelConfig, logits, projections, labels, utterance_mask, su
     (autograd-aware): with it the loss is that of the global batch under data parallelism
     (mcncl_fast.distributed); a `supcon` with the attribute `gathers_rows` gets this process's rows
     and gathers what it needs itself. Returns loss, ce_loss, contrastive_loss [3] and num_utterances
-    (a 0-d tensor).
+    (a 0-d tensor). With `cfg.class_weights` w the CE is sum_i w_{y_i} l_i / sum_i w_{y_i} over the valid
+    utterances (F.cross_entropy's weighted mean).
     """
     targets = torch.where(utterance_mask, labels, IGNORE_INDEX).reshape(-1)
+    class_weights = None if cfg.class_weights is None else _class_weights(cfg.class_weights, logits.device)
     # sum / count rather than mean: a batch with no valid utterance gives 0, not NaN
-    ce_sum = F.cross_entropy(logits.reshape(targets.numel(), -1).float(), targets, ignore_index=IGNORE_INDEX,
-                             reduction="sum")
+    ce_sum = F.cross_entropy(logits.reshape(targets.numel(), -1).float(), targets, weight=class_weights,
+                             ignore_index=IGNORE_INDEX, reduction="sum")
     count = (targets != IGNORE_INDEX).sum()
+    if class_weights is not None:   # the weighted CE's normaliser sum_i w_{y_i}: a gather, no host sync
+        weight_sum = (class_weights[targets.clamp(min=0)] * (targets != IGNORE_INDEX)).sum()
     z = torch.stack([projections[m].reshape(targets.numel(), -1) for m in MODALITIES])   # [3, B·S, P]
     gathers = getattr(supcon, "gathers_rows", False)   # such an op gathers what it needs itself
     if gather_rows is not None:
@@ -259,7 +285,12 @@ def mcncl_loss(cfg: ModelConfig, logits, projections, labels, utterance_mask, su
             targets = gather_rows(targets, with_grad=False)
         ce_sum = gather_rows(ce_sum.reshape(1), with_grad=True).sum()
         count = gather_rows(count.reshape(1), with_grad=False).sum()
-    ce = ce_sum / count.clamp(min=1)
+        if class_weights is not None:
+            weight_sum = gather_rows(weight_sum.reshape(1), with_grad=False).sum()
+    if class_weights is None:
+        ce = ce_sum / count.clamp(min=1)
+    else:
+        ce = ce_sum / torch.where(weight_sum > 0, weight_sum, 1.0)
     contrastive = supcon(z, targets, cfg.temperature, cfg.hard_ratio,
                          ignore_index=IGNORE_INDEX, num_classes=cfg.num_classes)
     weights = _loss_weights(cfg.alpha, cfg.beta, cfg.gamma, contrastive.device)
