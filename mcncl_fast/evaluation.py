@@ -127,6 +127,8 @@ def evaluate(checkpoint_path, split: str = "test", device: str = "auto", output:
     """Metrics of a saved model on a split of its data set, or of another file (`data_path`, `dataset`:
     see `restore`). With `output` (a .json path), the F1 table (markdown) and the confusion-matrix PNG
     are written beside it as <stem>_f1_table.md and <stem>_confusion.png."""
+    if output is not None and Path(output).is_dir():
+        raise UserError(f"--output {output}: is a folder; give the path of the .json report to write")
     model, cfg, splits, dev = restore(checkpoint_path, device, dataset, data_path, visual_path)
     report = evaluate_split(model, cfg, splits, split, dev)
     if report["num_utterances"] == 0:
@@ -143,10 +145,16 @@ def evaluate(checkpoint_path, split: str = "test", device: str = "auto", output:
 
 
 def write_report(report: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2))
-    os.replace(tmp, path)
+    """JSON, written atomically (a temp file beside it, then a rename); a failure leaves no temp file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(report, indent=2))
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"could not write {path}: {exc.strerror or exc}") from None
 
 
 def format_report(report: dict) -> str:

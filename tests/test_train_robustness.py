@@ -200,3 +200,16 @@ def test_checkpoint_with_code_is_refused_without_running_it(tmp_path, capsys):
     assert main(["train", "--resume", str(evil)]) == 2
     one_line_error(capsys, "refused without unpickling")
     assert not marker.exists()
+
+
+def test_evaluate_output_must_be_a_file_and_leaves_no_temp_files(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--epochs", "1", "--output-dir", str(run), *TINY]) == 0
+    folder = tmp_path / "reports"
+    folder.mkdir()
+    capsys.readouterr()
+    assert main(["evaluate", "--checkpoint", str(run / "best.pt"), "--output", str(folder)]) == 2
+    one_line_error(capsys, "--output", "is a folder")
+    assert not list(folder.iterdir()) and not list(tmp_path.glob("*.tmp"))
+    assert main(["evaluate", "--checkpoint", str(run / "best.pt"), "--output", str(folder / "ev.json")]) == 0
+    assert (folder / "ev.json").exists() and not list(folder.glob("*.tmp"))
