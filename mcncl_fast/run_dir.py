@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -75,6 +76,8 @@ class RunDirectory:
                     raise UserError(f"{where}: in use by another run (process {pid}); wait for it or choose "
                                     f"another --output-dir") from None
                 self.lock.unlink(missing_ok=True)       # left by a process that is gone
+                print(f"note: {where}: taking over the lock of a run that is no longer alive (process {pid})",
+                      file=sys.stderr)
                 continue
             except OSError as exc:
                 raise UserError(f"{where}: not writable ({exc.strerror})") from None

@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -139,6 +140,7 @@ def test_busy_used_and_broken_output_folders(tmp_path, capsys):
         sleeper.wait()
     (out / "last.pt.12345.tmp").write_bytes(b"half a checkpoint")               # a save killed half-way
     assert main(["train", "--epochs", "1", "--output-dir", str(out), *TINY]) == 0   # stale lock taken over
+    assert f"taking over the lock of a run that is no longer alive (process {sleeper.pid})" in capsys.readouterr().err
     assert not (out / "last.pt.12345.tmp").exists() and not (out / ".lock").exists()
     capsys.readouterr()
     before = (out / "best.pt").read_bytes()
@@ -165,6 +167,8 @@ def test_unwritable_output_folder_fails_before_training(code, word, tmp_path, mo
         train(TrainConfig(synthetic_scale=0.02, batch_size=8, model=TINY_MODEL, epochs=1,
                           output_dir=str(tmp_path / "ro")), step_callback=lambda *a: steps.append(a))
     assert steps == []
+    assert main(["train", "--epochs", "1", "--output-dir", str(tmp_path / "ro2"), *TINY]) == 2
+    one_line_error(capsys, word)
 
 
 def test_full_disk_during_a_save_keeps_the_old_file(tmp_path, monkeypatch):
@@ -213,3 +217,61 @@ def test_evaluate_output_must_be_a_file_and_leaves_no_temp_files(tmp_path, capsy
     assert not list(folder.iterdir()) and not list(tmp_path.glob("*.tmp"))
     assert main(["evaluate", "--checkpoint", str(run / "best.pt"), "--output", str(folder / "ev.json")]) == 0
     assert (folder / "ev.json").exists() and not list(folder.glob("*.tmp"))
+
+
+# ----------------------------------------------------------------------------- bad data, through the CLI
+def _with(change):
+    from tests.test_data_validation import _iemocap as iemocap_tuple
+    return iemocap_tuple(**change)
+
+
+def _label(vid, index, value):
+    def change(labels):
+        labels = dict(labels)
+        labels[vid] = list(labels[vid])
+        labels[vid][index] = value
+        return labels
+    return change
+
+
+def _nan_text(d):
+    d = dict(d)
+    d["d2"] = [v.copy() for v in d["d2"]]
+    d["d2"][1][0] = float("nan")
+    return d
+
+
+def _wide_visual(d):
+    d = dict(d)
+    d["d3"] = [v if i != 2 else np.zeros(7, np.float32) for i, v in enumerate(d["d3"])]
+    return d
+
+
+BAD_DATA = {
+    "non-finite feature": (dict(videoText=_nan_text), ["'d2'", "utterance 1"]),
+    "float label": (dict(videoLabels=_label("d1", 0, 1.7)), ["'d1'", "1.7"]),
+    "huge label": (dict(videoLabels=_label("d1", 2, 2**70)), ["'d1'"]),
+    "label out of range": (dict(videoLabels=_label("d4", 1, 6)), ["'d4'"]),
+    "dialogue in train and test": (dict(testVid=["t0", "d0"]), ["'d0'"]),
+    "duplicated train id": (dict(trainVid=[f"d{i}" for i in range(6)] + ["d3"]), ["'d3'"]),
+    "visual dim of one utterance": (dict(videoVisual=_wide_visual), ["'d3'", "utterance 2"]),
+}
+
+
+@pytest.mark.parametrize("defect", list(BAD_DATA))
+def test_bad_data_is_a_one_line_error_before_training(defect, tmp_path, capsys):
+    change, needles = BAD_DATA[defect]
+    data = tmp_path / "bad.pkl"
+    data.write_bytes(pickle.dumps(_with(change)))
+    out = tmp_path / "run"
+    assert main(["train", "--dataset", "iemocap", "--data-path", str(data), "--output-dir", str(out), *TINY[2:]]) == 2
+    one_line_error(capsys, *needles)
+    assert not (out / "last.pt").exists()
+
+
+def test_empty_dev_split_is_a_one_line_error(tmp_path, capsys):
+    data = tmp_path / "tiny.pkl"
+    data.write_bytes(pickle.dumps(_with(dict(trainVid=["d0"]))))     # one train dialogue: nothing left for dev
+    assert main(["train", "--dataset", "iemocap", "--data-path", str(data), "--output-dir", str(tmp_path / "r"),
+                 *TINY[2:]]) == 2
+    one_line_error(capsys, "dev")
