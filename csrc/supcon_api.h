@@ -10,7 +10,8 @@
 
 namespace mcncl {
 
-// dtype codes shared with mcncl_fast/ops/supcon.py
+// dtype codes of z. The one definition: module.cpp exports them to Python as mcncl_fast._C.SupconDType
+// (members named as the torch dtypes: float32, float16, bfloat16, float64), read by mcncl_fast/ops/supcon.py.
 enum SupconDType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
 
 struct SupconBackwardArgs {
@@ -31,6 +32,20 @@ struct SupconBackwardArgs {
   long long row_count = -1; // all N columns); -1: all rows from row_start on. theta/logd/w stay [M, N].
 };
 
+// The pointer API's arguments in the order of the Python bindings (module.cpp) and of the kernel
+// simulation's C entry point (sim/supcon_sim.cpp): one place that fills the struct.
+inline SupconBackwardArgs supcon_backward_args(std::uintptr_t z, int dtype, long long m, long long n, long long d,
+                                               long long sz_m, long long sz_n, long long sz_d, std::uintptr_t labels,
+                                               std::uintptr_t theta, std::uintptr_t logd, std::uintptr_t w,
+                                               std::uintptr_t inv_npos, std::uintptr_t w_scale, double inv_tau,
+                                               std::uintptr_t grad, long long row_start, long long row_count) {
+  SupconBackwardArgs a;
+  a.z = z; a.dtype = dtype; a.m = m; a.n = n; a.d = d; a.sz_m = sz_m; a.sz_n = sz_n; a.sz_d = sz_d;
+  a.labels = labels; a.theta = theta; a.logd = logd; a.w = w; a.inv_npos = inv_npos; a.w_scale = w_scale;
+  a.inv_tau = inv_tau; a.grad = grad; a.row_start = row_start; a.row_count = row_count;
+  return a;
+}
+
 // Validated number of output rows of the row range (row_count < 0 means up to N); throws
 // std::invalid_argument (ValueError in Python) when the range does not lie inside [0, N].
 inline long long supcon_row_count(const SupconBackwardArgs& a, const char* who) {
@@ -39,6 +54,15 @@ inline long long supcon_row_count(const SupconBackwardArgs& a, const char* who) 
     throw std::invalid_argument(std::string(who) + ": row range [" + std::to_string(a.row_start) + ", +" +
                                 std::to_string(a.row_count) + ") is not inside [0, " + std::to_string(a.n) + ")");
   return count;
+}
+
+// The checks both entry points make first (who: the entry point, for the messages): sizes not
+// negative, the row range inside [0, N]. Returns the number of output rows, 0 when there is nothing
+// to compute (no modality, no row or D = 0: the dtype is then not checked).
+inline long long supcon_rows_to_compute(const SupconBackwardArgs& a, const char* who) {
+  if (a.m < 0 || a.n < 0 || a.d < 0) throw std::invalid_argument(std::string(who) + ": negative size");
+  const long long rows = supcon_row_count(a, who);
+  return a.m == 0 || a.d == 0 ? 0 : rows;
 }
 
 // Host implementation (float32 / float64 z), multi-threaded; num_threads <= 0: all cores.

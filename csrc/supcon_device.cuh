@@ -49,9 +49,8 @@ struct LaunchShape {
 // Argument checks of supcon_backward_cuda (the CPU simulation runs them too): the number of output
 // rows, 0 when there is nothing to compute; std::invalid_argument for what the kernels cannot take.
 inline long long checked_rows(const SupconBackwardArgs& a) {
-  if (a.m < 0 || a.n < 0 || a.d < 0) throw std::invalid_argument("supcon_backward_cuda: negative size");
-  const long long rows = supcon_row_count(a, "supcon_backward_cuda");
-  if (a.m == 0 || rows == 0 || a.d == 0) return 0;
+  const long long rows = supcon_rows_to_compute(a, "supcon_backward_cuda");
+  if (rows == 0) return 0;
   if (a.m > 65535) throw std::invalid_argument("supcon_backward_cuda: at most 65535 modalities");
   // grid.y = D-chunks <= 65535; a block's pipeline steps (column tiles of 32 or 64 x D-chunks) fit an int
   if (a.n > INT_MAX / 2 || a.d > 65535LL * kChunkD || (a.n / 32 + 1) * (a.d / kChunkD + 1) > INT_MAX)

@@ -112,9 +112,8 @@ void run_host(const SupconBackwardArgs& a, long long rows, int num_threads) {
 }  // namespace
 
 void supcon_backward_host(const SupconBackwardArgs& args, int num_threads) {
-  if (args.m < 0 || args.n < 0 || args.d < 0) throw std::invalid_argument("supcon_backward_host: negative size");
-  const long long rows = supcon_row_count(args, "supcon_backward_host");
-  if (args.m == 0 || rows == 0 || args.d == 0) return;
+  const long long rows = supcon_rows_to_compute(args, "supcon_backward_host");
+  if (rows == 0) return;
   if (args.dtype == kFloat32) return run_host<float>(args, rows, num_threads);
   if (args.dtype == kFloat64) return run_host<double>(args, rows, num_threads);
   throw std::invalid_argument("supcon_backward_host: z must be float32 or float64 (dtype code " +

@@ -84,10 +84,8 @@ extern "C" int supcon_sim_backward(std::uintptr_t z, int dtype, long long m, lon
                                    std::uintptr_t logd, std::uintptr_t w, std::uintptr_t inv_npos,
                                    std::uintptr_t w_scale, double inv_tau, std::uintptr_t grad, long long row_start,
                                    long long row_count, int land_at_wait) {
-  mcncl::SupconBackwardArgs a;
-  a.z = z; a.dtype = dtype; a.m = m; a.n = n; a.d = d; a.sz_m = sz_m; a.sz_n = sz_n; a.sz_d = sz_d;
-  a.labels = labels; a.theta = theta; a.logd = logd; a.w = w; a.inv_npos = inv_npos; a.w_scale = w_scale;
-  a.inv_tau = inv_tau; a.grad = grad; a.row_start = row_start; a.row_count = row_count;
+  const mcncl::SupconBackwardArgs a = mcncl::supcon_backward_args(
+      z, dtype, m, n, d, sz_m, sz_n, sz_d, labels, theta, logd, w, inv_npos, w_scale, inv_tau, grad, row_start, row_count);
   try {
     mcncl::supcon::simulate(a, land_at_wait != 0);
     return 0;
