@@ -23,7 +23,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-KERNEL_MODULES = ("supcon", "attention", "psa", "psa_backward", "psa_pool")
+KERNEL_MODULES = ("supcon", "attention", "psa", "psa_backward", "psa_pool", "psa_se")
 
 
 # ------------------------------------------------------------------ per-SM limits and occupancy

@@ -3,9 +3,9 @@
     python benchmarks/static_report.py [--root CHECKOUT] [--arch 90,80] [--kernels supcon,attention,psa,cuda]
                                        [--selection-passes] [--output FILE [--section NAME]] [--json FILE]
 
-Triton kernels. The real launchers (kernels/*.py: supcon_forward, attention_forward/backward,
-psa_forward/backward, psa_pool_forward/backward) run on CPU tensors of the benchmark shapes with every
-kernel's `run` replaced by a recorder. Each recorded launch is expanded like the autotuner does on a GPU
+Triton kernels. The real launchers (kernels/*.py: supcon_fwd, attention_fwd/bwd, psa_fwd/bwd,
+psa_pool_fwd/bwd; *_forward / *_backward in older checkouts) run on CPU tensors of the benchmark
+shapes with every kernel's `run` replaced by a recorder. Each recorded launch is expanded like the autotuner does on a GPU
 (early prune, heuristics) and specialised by Triton's own launch binder (JITFunction._pack_args): a
 pointer or an integer divisible by 16 gets tt.divisibility=16, an integer equal to 1 becomes the
 constexpr 1. Then triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda",
@@ -63,6 +63,11 @@ DTYPES = {"supcon": ("bfloat16", "float32"), "attention": ("bfloat16", "float32"
 
 
 # ------------------------------------------------------------------ launches at the benchmark shapes
+def launcher(module, name: str, old_name: str):
+    """The launcher `name` of a kernels module, or `old_name` in checkouts from before the *_fwd / *_bwd names."""
+    return getattr(module, name, None) or getattr(module, old_name)
+
+
 def supcon_launches(pkg, dtype):
     m, n, d = SUPCON["M"], SUPCON["N"], SUPCON["D"]
     gen = torch.Generator().manual_seed(0)
@@ -72,7 +77,7 @@ def supcon_launches(pkg, dtype):
     k = torch.clamp(torch.ceil(SUPCON["hard_ratio"] * neg - 1e-6), min=1).to(torch.int32)
     values = dict(z=torch.zeros(m, n, d, dtype=dtype), labels=labels, class_ids=labels, k=k, nneg=neg, negatives=neg,
                   temperature=0.07, hard_ratio=SUPCON["hard_ratio"], delta=torch.zeros(m))
-    yield "supcon fwd", pkg.supcon.supcon_forward, values
+    yield "supcon fwd", launcher(pkg.supcon, "supcon_fwd", "supcon_forward"), values
 
 
 def padding_mask(rows, length):
@@ -89,8 +94,8 @@ def attention_launches(pkg, dtype):
     mask = padding_mask(b, length)
     values = dict(q=layout(), k=layout(), v=layout(), out=layout(), grad_out=layout(), mask=mask, scale=dh ** -0.5,
                   lse=torch.zeros(g * b * h, length), key_end=torch.full((b,), length, dtype=torch.int32))
-    yield "attention fwd", pkg.attention.attention_forward, values
-    yield "attention bwd", pkg.attention.attention_backward, values
+    yield "attention fwd", launcher(pkg.attention, "attention_fwd", "attention_forward"), values
+    yield "attention bwd", launcher(pkg.attention, "attention_bwd", "attention_backward"), values
 
 
 def psa_launches(pkg, dtype):
@@ -103,10 +108,12 @@ def psa_launches(pkg, dtype):
                   fc2_b=torch.zeros(c, dtype=dtype), y=torch.zeros(n, length, c, dtype=dtype),
                   z=torch.zeros(n, c, dtype=f32), h=torch.zeros(n, q, dtype=f32), g=torch.zeros(n, c, dtype=f32),
                   sums=torch.zeros(n, 24 * q, dtype=f32))
-    yield "psa fwd", pkg.psa.psa_forward, values
-    yield "psa bwd", pkg.psa_backward.psa_backward, dict(values, grad=torch.zeros(n, length, c, dtype=dtype))
-    yield "psa_pool fwd", pkg.psa_pool.psa_pool_forward, values
-    yield "psa_pool bwd", pkg.psa_pool.psa_pool_backward, dict(values, grad=torch.zeros(n, c, dtype=dtype))
+    yield "psa fwd", launcher(pkg.psa, "psa_fwd", "psa_forward"), values
+    yield "psa bwd", launcher(pkg.psa_backward, "psa_bwd", "psa_backward"), dict(
+        values, grad=torch.zeros(n, length, c, dtype=dtype))
+    yield "psa_pool fwd", launcher(pkg.psa_pool, "psa_pool_fwd", "psa_pool_forward"), values
+    yield "psa_pool bwd", launcher(pkg.psa_pool, "psa_pool_bwd", "psa_pool_backward"), dict(
+        values, grad=torch.zeros(n, c, dtype=dtype))
 
 
 LAUNCHES = {"supcon": supcon_launches, "attention": attention_launches, "psa": psa_launches}

@@ -1,2 +1,2 @@
-"""Triton kernels, one file per op (installed as mcncl_fast.kernels)."""
-from . import _interpreter  # noqa: F401  (interpreter work-arounds; no-op on GPUs)
+"""Triton kernels, one file per op (installed as mcncl_fast.kernels); shared plumbing in _common.py."""
+from . import _common  # noqa: F401  (interpreter work-around; no-op on GPUs)

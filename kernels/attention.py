@@ -25,17 +25,18 @@ no valid key gives a zero output and zero gradients: its LSE is stored as +inf s
 every recomputed probability is exactly 0.
 
 fp32 inputs use IEEE dot products; 16-bit inputs accumulate in fp32.
+
+Launchers: `attention_fwd` (the key ends, then the forward), `attention_bwd` (dq, then dk/dv);
+`keys_end` (the key-end launch alone).
 """
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from ._common import LOG2E, empty, empty_like, prune_by
+
 HEAD_DIMS = (16, 32, 64, 128)
 
 
@@ -62,18 +63,17 @@ def _smem_estimate(config, head_dim, elt, kernel):
     return 2 * elt * head_dim * bn * max(st - 1, 1) + 4 * bm * max(bn, head_dim) + resident + 1024
 
 
-def prune_configs(configs, named_args, kernel, **kwargs):
-    """Configs that fit in shared memory for this head dim / dtype; the first one in the interpreter."""
-    if INTERPRET:
-        return configs[:1]
+def fitting_configs(configs, named_args, kernel, **kwargs):
+    """The GPU rule: the configs that fit in shared memory for this head dim / dtype (the interpreter
+    takes the first config: kernels/_common.py)."""
     head_dim = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM"))
     elt = named_args["Q"].element_size()
     fit = [c for c in configs if _smem_estimate(c, head_dim, elt, kernel) <= SMEM_LIMIT]
     return fit or configs[1:2]
 
 
-def _pruner(kernel):
-    return {"early_config_prune": lambda configs, named_args, **kw: prune_configs(configs, named_args, kernel, **kw)}
+def _prune(kernel):
+    return prune_by(lambda configs, named_args, **kw: fitting_configs(configs, named_args, kernel, **kw))
 
 
 _KEY = ["LQ_KEY", "LK_KEY", "HEAD_DIM", "HAS_MASK"]
@@ -123,6 +123,7 @@ def _key_valid(MASK, mask_off, cols, LK, HAS_MASK: tl.constexpr):
     return valid
 
 
+@triton.autotune(configs=FWD_CONFIGS, key=_KEY, prune_configs_by=_prune("fwd"))
 @triton.jit
 def _attn_fwd_kernel(Q, K, V, O, LSE, MASK, END,
                      sq_g, sq_b, sq_h, sq_l, sk_g, sk_b, sk_h, sk_l,
@@ -169,6 +170,7 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, MASK, END,
     tl.store(LSE + z * LQ + rows, lse, mask=row_ok)
 
 
+@triton.autotune(configs=DQ_CONFIGS, key=_KEY, prune_configs_by=_prune("dq"))
 @triton.jit
 def _attn_bwd_dq_kernel(Q, K, V, O, DO, DQ, LSE, DELTA, MASK, END,
                         sq_g, sq_b, sq_h, sq_l, sk_g, sk_b, sk_h, sk_l, sv_g, sv_b, sv_h, sv_l,
@@ -211,6 +213,7 @@ def _attn_bwd_dq_kernel(Q, K, V, O, DO, DQ, LSE, DELTA, MASK, END,
              mask=row_ok[:, None])
 
 
+@triton.autotune(configs=DKDV_CONFIGS, key=_KEY, prune_configs_by=_prune("dkdv"))
 @triton.jit
 def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, MASK,
                           sq_g, sq_b, sq_h, sq_l, sk_g, sk_b, sk_h, sk_l, sv_g, sv_b, sv_h, sv_l,
@@ -253,11 +256,6 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, MASK,
              mask=in_range[:, None])
 
 
-attn_fwd = triton.autotune(FWD_CONFIGS, key=_KEY, prune_configs_by=_pruner("fwd"))(_attn_fwd_kernel)
-attn_bwd_dq = triton.autotune(DQ_CONFIGS, key=_KEY, prune_configs_by=_pruner("dq"))(_attn_bwd_dq_kernel)
-attn_bwd_dkdv = triton.autotune(DKDV_CONFIGS, key=_KEY, prune_configs_by=_pruner("dkdv"))(_attn_bwd_dkdv_kernel)
-
-
 # ------------------------------------------------------------------------------ launchers
 def _strides(t):
     return t.stride()[:4]
@@ -275,7 +273,7 @@ def _precision(q):
     return "ieee" if q.dtype == torch.float32 else "tf32"
 
 
-def _common(q, k, mask):
+def _kernel_kwargs(q, k, mask):
     g, b, h, lq, d = q.shape
     lk = k.shape[3]
     return dict(B=b, H=h, LQ=lq, LK=lk, LQ_KEY=triton.next_power_of_2(lq), LK_KEY=triton.next_power_of_2(max(lk, 1)),
@@ -293,12 +291,7 @@ def _launch(kernel, grid_len, z, args, common, config):
                                                             num_stages=config.num_stages)
 
 
-_BLOCK = {attn_fwd: "BLOCK_M", attn_bwd_dq: "BLOCK_M", attn_bwd_dkdv: "BLOCK_N"}
-
-
-# Buffer allocation (tests swap these for NaN-filled ones to show that every element is written).
-_empty_like = torch.empty_like
-_empty = torch.empty
+_BLOCK = {_attn_fwd_kernel: "BLOCK_M", _attn_bwd_dq_kernel: "BLOCK_M", _attn_bwd_dkdv_kernel: "BLOCK_N"}
 
 
 def _end_strides(mask, key_end):
@@ -321,7 +314,7 @@ def keys_end_block(lk):
 def keys_end(mask):
     """int32 tensor with the mask's leading shape ([B] or [G, B]): per entry 1 + the index of its last
     valid key, 0 if it has none. One launch (none for an empty mask); no host sync."""
-    end = _empty(mask.shape[:-1], device=mask.device, dtype=torch.int32)
+    end = empty(mask.shape[:-1], mask, torch.int32)
     rows, lk = end.numel(), mask.shape[-1]
     if rows == 0:
         return end
@@ -334,46 +327,47 @@ def keys_end(mask):
     return end
 
 
-def attention_forward(q, k, v, mask, scale, config=None):
+def attention_fwd(q, k, v, mask, scale, config=None):
     """q [G, B, H, Lq, Dh], k/v [G, B, H, Lk, Dh] (head dim contiguous), mask None / [B, Lk] / [G, B, Lk] bool.
 
     Returns (out with q's layout, lse [G*B*H, Lq] float32 in log2 units, key_end): key_end is `keys_end(mask)`
-    ([B] or [G, B] int32), to be passed to attention_backward; an empty int32 tensor without a mask."""
+    ([B] or [G, B] int32), to be passed to attention_bwd; an empty int32 tensor without a mask."""
     g, b, h, lq, _ = q.shape
     z = g * b * h
-    out = _empty_like(q)
-    lse = _empty((z, lq), device=q.device, dtype=torch.float32)
-    key_end = _empty((0,), device=q.device, dtype=torch.int32) if mask is None else keys_end(mask)
+    out = empty_like(q)
+    lse = empty((z, lq), q, torch.float32)
+    key_end = empty((0,), q, torch.int32) if mask is None else keys_end(mask)
     if q.numel() == 0 or k.shape[3] == 0:          # no query, or no key at all: zero output
         return out.zero_(), lse.fill_(float("inf")), key_end
-    common = _common(q, k, mask)
+    common = _kernel_kwargs(q, k, mask)
     mask_arg, end_arg = (q, q) if mask is None else (mask, key_end)
     args = (q, k, v, out, lse, mask_arg, end_arg, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
             *_mask_strides(mask), *_end_strides(mask, key_end))
-    _launch(attn_fwd, lq, z, args, dict(common, qk_scale=scale * LOG2E), config)
+    _launch(_attn_fwd_kernel, lq, z, args, dict(common, qk_scale=scale * LOG2E.value), config)
     return out, lse, key_end
 
 
-def attention_backward(grad_out, q, k, v, out, lse, mask, scale, config=None, key_end=None):
-    """dq, dk, dv (each with its input's layout) for attention_forward's output. key_end: the forward's
+def attention_bwd(grad_out, q, k, v, out, lse, mask, scale, config=None, key_end=None):
+    """dq, dk, dv (each with its input's layout) for attention_fwd's output. key_end: the forward's
     (computed here when a direct caller leaves it out)."""
     g, b, h, lq, _ = q.shape
     z = g * b * h
-    dq, dk, dv = _empty_like(q), _empty_like(k), _empty_like(v)
+    dq, dk, dv = empty_like(q), empty_like(k), empty_like(v)
     if q.numel() == 0 or k.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     if mask is not None and key_end is None:
         key_end = keys_end(mask)
-    delta = _empty_like(lse)
-    common = dict(_common(q, k, mask), qk_scale=scale * LOG2E, sm_scale=scale)
+    delta = empty_like(lse)
+    common = dict(_kernel_kwargs(q, k, mask), qk_scale=scale * LOG2E.value, sm_scale=scale)
     mask_arg = q if mask is None else mask
     ms = _mask_strides(mask)
     end_arg = q if mask is None else key_end
-    _launch(attn_bwd_dq, lq, z, (q, k, v, out, grad_out, dq, lse, delta, mask_arg, end_arg, *_strides(q), *_strides(k),
-                                 *_strides(v), *_strides(out), *_strides(grad_out), *_strides(dq), *ms,
-                                 *_end_strides(mask, key_end)),
+    _launch(_attn_bwd_dq_kernel, lq, z,
+            (q, k, v, out, grad_out, dq, lse, delta, mask_arg, end_arg, *_strides(q), *_strides(k), *_strides(v),
+             *_strides(out), *_strides(grad_out), *_strides(dq), *ms, *_end_strides(mask, key_end)),
             common, config)
-    _launch(attn_bwd_dkdv, k.shape[3], z, (q, k, v, grad_out, dk, dv, lse, delta, mask_arg, *_strides(q),
-                                           *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dk),
-                                           *_strides(dv), *ms), common, config)
+    _launch(_attn_bwd_dkdv_kernel, k.shape[3], z,
+            (q, k, v, grad_out, dk, dv, lse, delta, mask_arg, *_strides(q), *_strides(k), *_strides(v),
+             *_strides(grad_out), *_strides(dk), *_strides(dv), *ms),
+            common, config)
     return dq, dk, dv

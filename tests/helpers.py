@@ -2,16 +2,17 @@
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
+
+from mcncl_fast.kernels._common import interpreting
 
 # DESIGN.md §6 tolerances on rel = ||fast - ref|| / ||ref||
 TOLERANCE = {torch.float32: 1e-5, "tf32": 1e-3, torch.float16: 2e-2, torch.bfloat16: 2e-2,
              torch.float64: 1e-10}
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+INTERPRET = interpreting()     # as the session starts (tests/conftest.py sets it): for skip marks and device lists
 
 
 def rel_error(fast: torch.Tensor, ref: torch.Tensor) -> float:

@@ -18,8 +18,9 @@ import mcncl_fast.kernels.attention as kernels
 from tests.aot import POINTER, TARGETS, compile_for_targets, launch_hints, unwrap
 
 
-KERNELS = {"fwd": (kernels.attn_fwd, kernels.FWD_CONFIGS), "dq": (kernels.attn_bwd_dq, kernels.DQ_CONFIGS),
-           "dkdv": (kernels.attn_bwd_dkdv, kernels.DKDV_CONFIGS)}
+KERNELS = {"fwd": (kernels._attn_fwd_kernel, kernels.FWD_CONFIGS),
+           "dq": (kernels._attn_bwd_dq_kernel, kernels.DQ_CONFIGS),
+           "dkdv": (kernels._attn_bwd_dkdv_kernel, kernels.DKDV_CONFIGS)}
 DATA = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"}
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -58,20 +59,17 @@ def _launched_configs(kind, dtype, head_dim):
     """The configs the autotuner would benchmark on a GPU for this dtype / head dim."""
     configs = KERNELS[kind][1]
     fake_q = SimpleNamespace(element_size=lambda: torch.empty((), dtype=dtype).element_size())
-    interp, kernels.INTERPRET = kernels.INTERPRET, False
-    try:
-        return kernels.prune_configs(configs, {"Q": fake_q}, kind, HEAD_DIM=head_dim)
-    finally:
-        kernels.INTERPRET = interp
+    return kernels.fitting_configs(configs, {"Q": fake_q}, kind, HEAD_DIM=head_dim)
 
 
 def test_prune_keeps_fitting_configs_and_the_first_one_in_the_interpreter(monkeypatch):
     fake_q = SimpleNamespace(element_size=lambda: 4)
-    for kind, (_, configs) in KERNELS.items():
-        monkeypatch.setattr(kernels, "INTERPRET", True)
-        assert kernels.prune_configs(configs, {"Q": fake_q}, kind, HEAD_DIM=128) == configs[:1]
-        monkeypatch.setattr(kernels, "INTERPRET", False)
-        assert kernels.prune_configs(configs, {"Q": fake_q}, kind, HEAD_DIM=16) == configs
+    for kind, (kernel, configs) in KERNELS.items():
+        assert kernel.configs == configs
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        assert kernel.early_config_prune(configs, {"Q": fake_q}, HEAD_DIM=128) == configs[:1]
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        assert kernel.early_config_prune(configs, {"Q": fake_q}, HEAD_DIM=16) == configs
 
 
 def _cases():

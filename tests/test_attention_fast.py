@@ -10,24 +10,20 @@ import torch
 import torch.nn.functional as F
 
 import mcncl_fast.kernels.attention as kernels
+from mcncl_fast.kernels import _common
 from mcncl_fast import ops
 from mcncl_fast.reference import ops as ref
-from tests.helpers import INTERPRET, TOLERANCE, assert_close_rel, kernel_devices, poison_
+from tests.helpers import INTERPRET, TOLERANCE, assert_close_rel, kernel_devices
 
 DEVICES = kernel_devices()
 pytestmark = pytest.mark.skipif(not DEVICES, reason="no Triton device: needs TRITON_INTERPRET=1 or CUDA")
 
 
-def _poison(t):
-    """NaN for float buffers; -1 for the int32 key ends (a bound that skips every key: an unwritten
-    entry shows up as a zero output where the reference has none)."""
-    return poison_(t) if t.is_floating_point() else t.fill_(-1)
-
-
 @pytest.fixture(autouse=True)
 def _poison_kernel_outputs(monkeypatch):
-    monkeypatch.setattr(kernels, "_empty_like", lambda t: _poison(torch.empty_like(t)))
-    monkeypatch.setattr(kernels, "_empty", lambda *a, **kw: _poison(torch.empty(*a, **kw)))
+    """NaN for float buffers; -1 for the int32 key ends (a bound that skips every key: an unwritten
+    entry shows up as a zero output where the reference has none)."""
+    monkeypatch.setattr(_common, "POISON", True)
 
 
 def _inputs(shape_q, lk, dtype, device, mask_kind="random"):
@@ -241,9 +237,9 @@ def test_every_config_in_the_interpreter(device):
     grads_ref = _grads(out_ref, (q, k, v), grad_out)
     configs = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]): c for c in kernels.FWD_CONFIGS + kernels.DQ_CONFIGS + kernels.DKDV_CONFIGS}
     for config in configs.values():
-        out, lse, key_end = kernels.attention_forward(*x, mask, scale, config=config)
+        out, lse, key_end = kernels.attention_fwd(*x, mask, scale, config=config)
         assert_close_rel(out[0], out_ref, torch.float32, f"out {config}")
-        grads = kernels.attention_backward(grad_out.unsqueeze(0), *x, out, lse, mask, scale, config=config,
+        grads = kernels.attention_bwd(grad_out.unsqueeze(0), *x, out, lse, mask, scale, config=config,
                                            key_end=key_end)
         for name, g, g_ref in zip(("dq", "dk", "dv"), grads, grads_ref):
             assert_close_rel(g[0], g_ref, torch.float32, f"{name} {config}")
@@ -266,9 +262,9 @@ class _LaunchSpy:
 def test_key_end_computed_once_in_forward_not_in_backward(device, grouped, monkeypatch):
     spy = _LaunchSpy(kernels._keys_end_kernel)
     monkeypatch.setattr(kernels, "_keys_end_kernel", spy)
-    backward = kernels.attention_backward
+    backward = kernels.attention_bwd
     seen = []
-    monkeypatch.setattr(kernels, "attention_backward",
+    monkeypatch.setattr(kernels, "attention_bwd",
                         lambda *a, **kw: seen.append(kw.get("key_end")) or backward(*a, **kw))
     shape = (3, 2, 2, 17, 32) if grouped else (2, 2, 17, 32)
     q, k, v, mask = _inputs(shape, 40, torch.float32, device, mask_kind="holes")
@@ -332,8 +328,8 @@ def test_gradient_through_part_of_the_graph(device, grouped, monkeypatch):
         assert_close_rel(g, g_ref, torch.float32, name)
 
     launched = []
-    backward = kernels.attention_backward
-    monkeypatch.setattr(kernels, "attention_backward", lambda *a, **kw: launched.append(1) or backward(*a, **kw))
+    backward = kernels.attention_bwd
+    monkeypatch.setattr(kernels, "attention_bwd", lambda *a, **kw: launched.append(1) or backward(*a, **kw))
     out = fn(q, k, v, mask)
     dq, dk = torch.autograd.grad(_DropGrad.apply(out).sum() + q.square().sum(), (q, k), allow_unused=True)
     assert launched == []
@@ -381,7 +377,7 @@ def test_opcheck(device):
 def test_reference_backend_skips_the_kernels(monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("kernel launched")
-    monkeypatch.setattr(kernels, "attention_forward", boom)
+    monkeypatch.setattr(kernels, "attention_fwd", boom)
     q, k, v, mask = _inputs((2, 1, 5, 16), 4, torch.float32, "cpu")
     monkeypatch.setenv("MCNCL_FAST_BACKEND", "reference")
     assert torch.equal(ops.attention(q, k, v, mask), ref.attention(q, k, v, mask))
@@ -396,12 +392,12 @@ def test_reference_backend_skips_the_kernels(monkeypatch):
 def _bad_call(fn, q, k, v, mask=None, scale=None):
     def boom(*args, **kwargs):
         raise AssertionError("kernel launched before the checks")
-    kernels_fwd = kernels.attention_forward
-    kernels.attention_forward = boom
+    kernels_fwd = kernels.attention_fwd
+    kernels.attention_fwd = boom
     try:
         return fn(q, k, v, mask, scale)
     finally:
-        kernels.attention_forward = kernels_fwd
+        kernels.attention_fwd = kernels_fwd
 
 
 def test_bad_inputs_raise_before_launch():
@@ -448,8 +444,8 @@ def test_fast_model_matches_reference_model(device, kv_source, monkeypatch):
     from mcncl_fast import reference
 
     launches = []
-    forward = kernels.attention_forward
-    monkeypatch.setattr(kernels, "attention_forward", lambda q, *a, **kw: launches.append(q.shape[0]) or forward(
+    forward = kernels.attention_fwd
+    monkeypatch.setattr(kernels, "attention_fwd", lambda q, *a, **kw: launches.append(q.shape[0]) or forward(
         q, *a, **kw))
     class FastAttentionModel(mcncl_fast.Model):       # only the attention hook differs from the reference
         ops = reference.ops

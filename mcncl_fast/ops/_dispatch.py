@@ -11,6 +11,8 @@ import os
 
 import torch
 
+from ..kernels._common import interpreting
+
 BACKENDS = ("auto", "reference")
 
 
@@ -19,10 +21,6 @@ def backend() -> str:
     if value not in BACKENDS:
         raise ValueError(f"MCNCL_FAST_BACKEND: expected one of {BACKENDS}, got {value!r}")
     return value
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def use_reference() -> bool:
@@ -34,7 +32,6 @@ def use_triton(t: torch.Tensor) -> bool:
     if use_reference():
         return False
     return t.is_cuda or (interpreting() and t.device.type == "cpu")
-
 
 
 def input_device(t: torch.Tensor):

@@ -19,16 +19,15 @@ import torch
 from .._autocast import matmul_class
 from .._checks import check_attention_args, check_attention_grouped_args
 from ..kernels import attention as kernels
+from ..kernels._common import DTYPES
 from ..reference import ops as reference_ops
 from ._dispatch import input_device, use_triton
 
 __all__ = ["attention", "attention_grouped"]
 
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
 
 def _fast_path(q) -> bool:
-    return use_triton(q) and q.dtype in _DTYPES and q.shape[-1] in kernels.HEAD_DIMS
+    return use_triton(q) and q.dtype in DTYPES and q.shape[-1] in kernels.HEAD_DIMS
 
 
 def _head_dim_contiguous(t):
@@ -49,7 +48,7 @@ def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_paddin
     q, k, v = (_head_dim_contiguous(t) for t in (q, k, v))
     mask = None if key_padding_mask is None else key_padding_mask.contiguous()
     with input_device(q):
-        return kernels.attention_forward(q, k, v, mask, scale)
+        return kernels.attention_fwd(q, k, v, mask, scale)
 
 
 def _key_end_shape(key_padding_mask):
@@ -70,7 +69,7 @@ def _attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     grad_out, q, k, v, out = (_head_dim_contiguous(t) for t in (grad_out, q, k, v, out))
     mask = None if key_padding_mask is None else key_padding_mask.contiguous()
     with input_device(q):
-        return kernels.attention_backward(grad_out, q, k, v, out, lse, mask, scale, key_end=key_end)
+        return kernels.attention_bwd(grad_out, q, k, v, out, lse, mask, scale, key_end=key_end)
 
 
 @_attention_bwd.register_fake
