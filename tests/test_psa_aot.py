@@ -16,9 +16,12 @@ import pytest
 import torch
 import triton.language as tl
 
+import mcncl_fast.kernels._common as common
+import mcncl_fast.kernels._psa_common as psa_common
 import mcncl_fast.kernels.psa as fwd
 import mcncl_fast.kernels.psa_backward as bwd
 import mcncl_fast.kernels.psa_pool as pool_kernels
+import mcncl_fast.kernels.psa_se as se
 from tests.aot import POINTER, TARGETS, compile_for_targets, launch_hints, unwrap
 
 
@@ -59,11 +62,11 @@ CONV = {
     "pool_window_dx": pool_kernels._psa_window_dx_kernel,
 }
 SMALL = {
-    "se_fwd": (fwd._psa_se_fwd_kernel, fwd.SE_CONFIGS, True),
-    "se_bwd": (bwd._psa_se_bwd_kernel, fwd.SE_CONFIGS, True),
-    "gate_apply": (fwd._psa_gate_apply_kernel, fwd.ELEMENTWISE_CONFIGS, False),
-    "gate_grad": (bwd._psa_gate_grad_kernel, fwd.ELEMENTWISE_CONFIGS, False),
-    "param_grad": (bwd._psa_param_grad_kernel, fwd.SE_CONFIGS, True),
+    "se_fwd": (se._psa_se_fwd_kernel, psa_common.SE_CONFIGS, True),
+    "se_bwd": (se._psa_se_bwd_kernel, psa_common.SE_CONFIGS, True),
+    "gate_apply": (fwd._psa_gate_apply_kernel, psa_common.ELEMENTWISE_CONFIGS, False),
+    "gate_grad": (bwd._psa_gate_grad_kernel, psa_common.ELEMENTWISE_CONFIGS, False),
+    "param_grad": (se._psa_param_grad_kernel, psa_common.SE_CONFIGS, True),
 }
 
 
@@ -136,7 +139,10 @@ def test_small_kernels_compile(kind, dtype, record_property):
 
 
 def test_interpreter_prunes_to_first_config(monkeypatch):
+    """The rule of kernels/_common.py, read at call time: the first config in the interpreter, all on a GPU."""
+    prune = fwd._psa_conv_fwd_kernel.early_config_prune
+    configs = psa_common.CONV_CONFIGS
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert fwd.prune_first_in_interpreter(fwd.CONV_CONFIGS, {}) == fwd.CONV_CONFIGS[:1]
+    assert prune(configs, {}) == configs[:1] == common.launch_configs(configs)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    assert fwd.prune_first_in_interpreter(fwd.CONV_CONFIGS, {}) == fwd.CONV_CONFIGS
+    assert prune(configs, {}) == configs == common.launch_configs(configs)

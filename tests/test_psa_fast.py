@@ -2,7 +2,7 @@
 
 On CPU the Triton kernels run through TRITON_INTERPRET=1 (small shapes: the interpreter costs a few
 ms per program x loop iteration); on a GPU the same tests run with `-m gpu`. Every buffer a kernel
-writes starts as NaN (kernels.psa.POISON), so an unwritten element fails the test.
+writes starts as NaN (kernels/_common.py POISON), so an unwritten element fails the test.
 The shapes are a representative subset of L in {1, 2, 7, 32, 100} x N in {1, 5, 64} x C in {64, 256}:
 every value appears, with output and all 13 gradients compared.
 """
@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from mcncl_fast import ops
+from mcncl_fast.kernels import _common
 from mcncl_fast.kernels import psa as psa_kernels
 from mcncl_fast.kernels import psa_pool as pool_kernels
 from mcncl_fast.reference import ops as reference_ops
@@ -23,7 +24,7 @@ GRAD_NAMES = ["x"] + [f"weights[{s}]" for s in range(4)] + [f"biases[{s}]" for s
 
 @pytest.fixture(autouse=True)
 def _poison(monkeypatch):
-    monkeypatch.setattr(psa_kernels, "POISON", True)
+    monkeypatch.setattr(_common, "POISON", True)
 
 
 @pytest.fixture(autouse=True)
@@ -210,7 +211,7 @@ def test_psa_pool_device_ops(monkeypatch):
     as they are (no per-call repacking) and the expanded output gradient read in place."""
     from benchmarks.device_ops import DeviceOps
     from mcncl_fast.modules import PSA
-    monkeypatch.setattr(psa_kernels, "POISON", False)       # NaN-filled buffers are test-only fills
+    monkeypatch.setattr(_common, "POISON", False)           # NaN-filled buffers are test-only fills
     module = PSA(32)
     x = torch.randn(5, 7, 32, requires_grad=True)
     mask = make_mask(5, 7, "cpu", "random")
@@ -232,7 +233,7 @@ def test_psa_device_ops(monkeypatch):
     """psa (unpooled) forward + backward from a dense output gradient: 3 + 5 Triton launches, no ATen op."""
     from benchmarks.device_ops import DeviceOps
     from mcncl_fast.modules import PSA
-    monkeypatch.setattr(psa_kernels, "POISON", False)
+    monkeypatch.setattr(_common, "POISON", False)
     module = PSA(32)
     x = torch.randn(5, 7, 32, requires_grad=True)
     mask = make_mask(5, 7, "cpu", "random")
@@ -351,8 +352,8 @@ def _bad_inputs():
 def test_bad_inputs(name, kwargs, exc, match, monkeypatch):
     def no_launch(*a, **k):
         raise AssertionError("a kernel was launched before the input check")
-    monkeypatch.setattr(psa_kernels, "psa_forward", no_launch)
-    monkeypatch.setattr(pool_kernels, "psa_pool_forward", no_launch)
+    monkeypatch.setattr(psa_kernels, "psa_fwd", no_launch)
+    monkeypatch.setattr(pool_kernels, "psa_pool_fwd", no_launch)
     with pytest.raises(exc, match=match):
         getattr(ops, name)(**kwargs)
 
@@ -363,6 +364,7 @@ def test_opcheck(op, device):
     """Schema, autograd registration and fake-tensor checks of the custom ops (torch.compile tracing is
     covered by test_torch_compile_fullgraph)."""
     x, weights, biases, fc, mask = make_inputs(3, 4, 64, device=device, mask="random")
-    args = tuple(t.requires_grad_() for t in x + weights + biases + fc) + (mask,)
+    grad = lambda ts: [t.requires_grad_() for t in ts]  # noqa: E731
+    args = (*grad(x), grad(weights), grad(biases), *grad(fc), mask)
     torch.library.opcheck(getattr(torch.ops.mcncl_fast, op), args,
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
