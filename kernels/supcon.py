@@ -9,10 +9,10 @@ s >= t_i - delta (float32); D = sum of exp(s / tau) over the hard negatives and 
 
 Selection: per row a bracket [lo, hi] of values (uint32 keys, kernels/supcon_select.py) with
 c_gt = count(s > hi) < k <= c_gt + c_in, c_in = count(s in [lo, hi]). Three kernels:
-  supcon_sample_kernel  the first bracket, from a sample: chunks of CHUNK = 32 columns spread over
+  _supcon_sample_kernel  the first bracket, from a sample: chunks of CHUNK = 32 columns spread over
       all N (N / 8 columns, at most 8192), each sorted; the quantiles at p -/+ 4 standard errors
       (p = k / nneg), interpolated and averaged over the chunks.
-  supcon_count_kernel   pass 1 and the counting passes. A counting pass bins every negative,
+  _supcon_count_kernel   pass 1 and the counting passes. A counting pass bins every negative,
       b = trunc(min(fma(s, w, c0), 15)): 15 bins of equal value width over the bracket, 15 =
       above it, < 0 below (passes 3.. split the bracket's keys instead: a guaranteed 15-fold cut),
       counted in 4-bit fields of one uint64 per element summed over 8 columns of a thread, widened
@@ -22,7 +22,7 @@ c_gt = count(s > hi) < k <= c_gt + c_in, c_in = count(s in [lo, hi]). Three kern
       it. Pass 1 also keeps the largest negative or positive (the exp shift), the smallest negative
       (t_i when k = nneg) and the sum of positives. Counting passes run while some row's bracket
       holds more than READY = 200 negatives; a bracket of one value is t_i.
-  supcon_final_kernel   the final pass: the positives and the negatives above hi add
+  _supcon_final_kernel   the final pass: the positives and the negatives above hi add
       exp2(s log2(e) / tau - shift) to D; the distinct values in [lo - delta, hi] go, with their
       multiplicities, to a per-row candidate buffer (per tile, the largest value not yet taken, as
       often as the tile's rows have values there). t_i = the (k - c_gt)-th largest candidate
@@ -39,27 +39,28 @@ final passes: 14. Typical: 2 (N <= ~32768), 3 (N = 262144); many exact ties need
 (benchmarks/supcon_selection_model.py; benchmarks/results/supcon-selection-passes.md).
 
 Scratch: per-row state [8, M, rows] int32 between the kernels and candidate buffers [M, rows, CAP]
-(values and multiplicities); the launcher runs at most ROWS_PER_LAUNCH anchors per launch.
+(values and multiplicities); the launcher, `supcon_fwd`, runs at most ROWS_PER_LAUNCH anchors per
+launch. (The backward is the extension's: csrc/, mcncl_fast/ops/supcon.py.)
 """
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from ._common import LOG2E, empty, interpreting, launch_configs, prune_by
 from .supcon_passes import _count_pass, _final_pass, _masks, _sample_cols, _select, _sim_tile
 from .supcon_select import (CAP, CHUNK, KEY_PASSES, READY, VALUE_PASSES, Z, _canonical, _from_key, _key, _narrow,
                             _quantile, _sort_desc, sample_chunks)
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-LOG2E = tl.constexpr(1.4426950408889634)
 ROWS_PER_LAUNCH = 32768
 
+# The interpreter costs per program x loop iteration: big tiles. It runs the first config of a
+# kernel's list (kernels/_common.py), which is this one for the three kernels and is never launched
+# on a GPU.
+INTERPRETER_CONFIG = triton.Config({"BM": 128, "BN": 128}, num_warps=4, num_stages=1)
 # (BM, BN): 128 rows on 8 warps, i.e. two warpgroups of 64 rows: a row never spans two warpgroups,
-# row reductions stay in a quad of lanes. configs_for picks one per launch. The interpreter costs
-# per program x loop iteration: big tiles.
+# row reductions stay in a quad of lanes. configs_for picks one per launch.
 GPU_CONFIGS = [
     triton.Config({"BM": 128, "BN": 32}, num_warps=8, num_stages=2),
     triton.Config({"BM": 128, "BN": 16}, num_warps=8, num_stages=2),
@@ -68,16 +69,16 @@ GPU_CONFIGS = [
 # the sample kernel: 64 rows on 4 warps (its sorts and, with float32 or a K loop, the dot's operands
 # need the registers)
 SAMPLE_CONFIGS = [triton.Config({"BM": 64, "BN": 32}, num_warps=4, num_stages=2)]
-INTERPRETER_CONFIGS = [triton.Config({"BM": 128, "BN": 128}, num_warps=4, num_stages=1)]
-CONFIGS = INTERPRETER_CONFIGS if INTERPRET else GPU_CONFIGS
-SAMPLE_CONFIGS = INTERPRETER_CONFIGS if INTERPRET else SAMPLE_CONFIGS
+# the lists the kernels are autotuned over: the interpreter's config first, then the GPU ones
+CONFIGS = [INTERPRETER_CONFIG, *GPU_CONFIGS]
+SAMPLE_KERNEL_CONFIGS = [INTERPRETER_CONFIG, *SAMPLE_CONFIGS]
 
 
 def block_k(d: int, dtype: torch.dtype) -> int:
     """The K tile (constexpr BK) for feature size d: all of d (the anchor tile can stay resident,
     ONE_K) from 32 up to 128 for 16-bit inputs, else 64; float32 (FMA dot) 16."""
     bk = max(16, triton.next_power_of_2(d))
-    if INTERPRET:
+    if interpreting():
         return bk
     if dtype == torch.float32:
         return 16
@@ -92,32 +93,38 @@ def tile_options(z: torch.Tensor, d: int, bk: int):
     return one_k, one_k and z.dtype != torch.float32
 
 
-def configs_for(dtype: torch.dtype, d: int = 128, hopper: bool = True, configs=None, final: bool = False):
-    """The config launched: 128 x 32 with 16-bit inputs whose anchor tile stays resident on sm_90,
-    else 128 x 16 (fewer elements per thread: no register spills with the K loop); float32 (FMA
-    dot) 128 x 16, the counting kernel without software pipelining."""
-    configs = CONFIGS if configs is None else configs
-    if INTERPRET or len(configs) == 1:
-        return configs[:1]
+def _gpu_configs(configs):
+    return [c for c in configs if c is not INTERPRETER_CONFIG]
+
+
+def _gpu_choice(configs, dtype, d, hopper, final):
+    """On a GPU: 128 x 32 with 16-bit inputs whose anchor tile stays resident on sm_90, else 128 x 16
+    (fewer elements per thread: no register spills with the K loop); float32 (FMA dot) 128 x 16, the
+    counting kernel without software pipelining."""
     if dtype == torch.float32:
         want = (128, 16, 2 if final else 1)
     else:
         want = (128, 32 if hopper and d <= block_k(d, dtype) else 16, 2)
-    return [c for c in configs if (c.kwargs["BM"], c.kwargs["BN"], c.num_stages) == want][:1] or configs[:1]
+    match = [c for c in configs if (c.kwargs["BM"], c.kwargs["BN"], c.num_stages) == want]
+    return match[:1] or _gpu_configs(configs)[:1]
+
+
+def configs_for(dtype: torch.dtype, d: int = 128, hopper: bool = True, configs=None, final: bool = False):
+    """[the config] a count (final: final-pass) launch takes: the interpreter's config under the
+    interpreter, else the GPU choice (_gpu_choice)."""
+    configs = CONFIGS if configs is None else configs
+    return launch_configs(configs, lambda cs: _gpu_choice(cs, dtype, d, hopper, final))
 
 
 def _hopper(t: torch.Tensor) -> bool:
-    return INTERPRET or not t.is_cuda or torch.cuda.get_device_capability(t.device)[0] >= 9
+    return interpreting() or not t.is_cuda or torch.cuda.get_device_capability(t.device)[0] >= 9
 
 
-def _prune(configs, named_args, **kwargs):
-    z = named_args["z_ptr"]
-    return configs_for(z.dtype, named_args["D"], _hopper(z), configs)
-
-
-def _prune_final(configs, named_args, **kwargs):
-    z = named_args["z_ptr"]
-    return configs_for(z.dtype, named_args["D"], _hopper(z), configs, final=True)
+def _prune(final: bool):
+    def gpu_prune(configs, named_args, **kwargs):
+        z = named_args["z_ptr"]
+        return _gpu_choice(configs, z.dtype, named_args["D"], _hopper(z), final)
+    return prune_by(gpu_prune)
 
 
 # per-row state handed from kernel to kernel: int32 [STATE_FIELDS, M, rows] (floats as bits)
@@ -143,9 +150,10 @@ def _rows(labels_ptr, k_ptr, nneg_ptr, z_m, row_start, row_count, D, stride_n, s
     return local, rows, rmask, lab_i, k_i, nneg, a
 
 
-@triton.autotune(configs=SAMPLE_CONFIGS, key=["D"])
+@triton.autotune(configs=SAMPLE_KERNEL_CONFIGS, key=["D"],
+                 prune_configs_by=prune_by(lambda configs, named_args, **kwargs: _gpu_configs(configs)))
 @triton.jit
-def supcon_sample_kernel(z_ptr, labels_ptr, k_ptr, nneg_ptr, state_ptr, N, D, row_start, row_count, n_chunks,
+def _supcon_sample_kernel(z_ptr, labels_ptr, k_ptr, nneg_ptr, state_ptr, N, D, row_start, row_count, n_chunks,
                          stride_m, stride_n, stride_d, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                          ONE_K: tl.constexpr):
     """The first bracket [lo, hi] of each row: the quantiles p -/+ Z sigma (p = k / nneg) of the
@@ -185,9 +193,9 @@ def supcon_sample_kernel(z_ptr, labels_ptr, k_ptr, nneg_ptr, state_ptr, N, D, ro
     tl.store(state + HI * plane, hi.to(tl.int32, bitcast=True), mask=rmask)
 
 
-@triton.autotune(configs=CONFIGS, key=["D"], prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=CONFIGS, key=["D"], prune_configs_by=_prune(final=False))
 @triton.jit
-def supcon_count_kernel(z_ptr, labels_ptr, k_ptr, nneg_ptr, state_ptr, N, D, row_start, row_count,
+def _supcon_count_kernel(z_ptr, labels_ptr, k_ptr, nneg_ptr, state_ptr, N, D, row_start, row_count,
                         stride_m, stride_n, stride_d, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                         ONE_K: tl.constexpr, GROUPED: tl.constexpr):
     """Pass 1 and the counting passes: each row's bracket [lo, hi] narrowed until it holds <= READY
@@ -245,9 +253,9 @@ def supcon_count_kernel(z_ptr, labels_ptr, k_ptr, nneg_ptr, state_ptr, N, D, row
     tl.store(state + NPASS * plane, tl.zeros((BM,), tl.int32) + npass, mask=rmask)
 
 
-@triton.autotune(configs=CONFIGS, key=["D"], prune_configs_by={"early_config_prune": _prune_final})
+@triton.autotune(configs=CONFIGS, key=["D"], prune_configs_by=_prune(final=True))
 @triton.jit
-def supcon_final_kernel(z_ptr, labels_ptr, k_ptr, nneg_ptr, delta_ptr, state_ptr, cand_ptr, mult_ptr, theta_ptr,
+def _supcon_final_kernel(z_ptr, labels_ptr, k_ptr, nneg_ptr, delta_ptr, state_ptr, cand_ptr, mult_ptr, theta_ptr,
                         logd_ptr, possum_ptr, passes_ptr, N, D, row_start, row_count, stride_m, stride_n,
                         stride_d, out_stride, passes_stride, inv_tau, BM: tl.constexpr, BN: tl.constexpr,
                         BK: tl.constexpr, ONE_K: tl.constexpr):
@@ -319,7 +327,7 @@ def supcon_final_kernel(z_ptr, labels_ptr, k_ptr, nneg_ptr, delta_ptr, state_ptr
     tl.store(passes_ptr + m * passes_stride + tl.program_id(0), npass)
 
 
-def supcon_forward(z: torch.Tensor, labels: torch.Tensor, k: torch.Tensor, nneg: torch.Tensor,
+def supcon_fwd(z: torch.Tensor, labels: torch.Tensor, k: torch.Tensor, nneg: torch.Tensor,
                    delta: torch.Tensor, temperature: float, row_start: int = 0, row_count=None, out=None):
     """Forward of anchors [row_start, row_start + row_count) of z [M, N, D] against all N rows.
 
@@ -337,31 +345,39 @@ def supcon_forward(z: torch.Tensor, labels: torch.Tensor, k: torch.Tensor, nneg:
     if not (0 <= row_start and 0 <= row_count and row_start + row_count <= n):
         raise ValueError(f"row range [{row_start}, {row_start} + {row_count}) outside [0, {n})")
     if out is None:
-        out = tuple(torch.empty(m, row_count, device=z.device, dtype=torch.float32) for _ in range(3))
+        out = tuple(empty((m, row_count), z, torch.float32) for _ in range(3))
     theta, logd, possum = out
     assert all(t.shape == (m, row_count) and (row_count <= 1 or t.stride(1) == 1) for t in out)
     bm = configs_for(z.dtype, d, _hopper(z))[0].kwargs["BM"]
+    sample_bm = launch_configs(SAMPLE_KERNEL_CONFIGS, _gpu_configs)[0].kwargs["BM"]
     passes = torch.zeros(m, triton.cdiv(row_count, bm), device=z.device, dtype=torch.int32)
     if row_count == 0 or m == 0:
         return theta, logd, possum, passes
     labels, k, nneg = (t.to(torch.int32).contiguous() for t in (labels, k, nneg))
     delta = delta.to(device=z.device, dtype=torch.float32).contiguous()
     rows = min(row_count, ROWS_PER_LAUNCH)
-    state = torch.empty(STATE_FIELDS, m, rows, device=z.device, dtype=torch.int32)
-    cand = torch.empty(m, rows, CAP, device=z.device, dtype=torch.float32)
-    mult = torch.empty(m, rows, CAP, device=z.device, dtype=torch.int32)
+    state = empty((STATE_FIELDS, m, rows), z, torch.int32)
+    cand = empty((m, rows, CAP), z, torch.float32)
+    mult = empty((m, rows, CAP), z, torch.int32)
     bk = block_k(d, z.dtype)
     one_k, grouped = tile_options(z, d, bk)
     strides = (z.stride(0), z.stride(1), z.stride(2))
     for r0 in range(0, row_count, ROWS_PER_LAUNCH):
         count = min(ROWS_PER_LAUNCH, row_count - r0)
         grid = (triton.cdiv(count, bm), m)
-        sample_grid = (triton.cdiv(count, SAMPLE_CONFIGS[0].kwargs["BM"]), m)
-        supcon_sample_kernel[sample_grid](z, labels, k, nneg, state, n, d, row_start + r0, count, sample_chunks(n), *strides,
-                                   BK=bk, ONE_K=one_k)
-        supcon_count_kernel[grid](z, labels, k, nneg, state, n, d, row_start + r0, count, *strides, BK=bk, ONE_K=one_k,
-                                  GROUPED=grouped)
-        supcon_final_kernel[grid](z, labels, k, nneg, delta, state, cand, mult, theta[:, r0:], logd[:, r0:],
-                                  possum[:, r0:], passes[:, r0 // bm:], n, d, row_start + r0, count, *strides,
-                                  theta.stride(0), passes.stride(0), 1.0 / temperature, BK=bk, ONE_K=one_k)
+        sample_grid = (triton.cdiv(count, sample_bm), m)
+        _supcon_sample_kernel[sample_grid](z, labels, k, nneg, state, n, d, row_start + r0, count, sample_chunks(n),
+                                           *strides, BK=bk, ONE_K=one_k)
+        _supcon_count_kernel[grid](z, labels, k, nneg, state, n, d, row_start + r0, count, *strides, BK=bk,
+                                   ONE_K=one_k, GROUPED=grouped)
+        _supcon_final_kernel[grid](z, labels, k, nneg, delta, state, cand, mult, theta[:, r0:], logd[:, r0:],
+                                   possum[:, r0:], passes[:, r0 // bm:], n, d, row_start + r0, count, *strides,
+                                   theta.stride(0), passes.stride(0), 1.0 / temperature, BK=bk, ONE_K=one_k)
     return theta, logd, possum, passes
+
+
+# names of earlier versions, still used by benchmarks/supcon_passes.py, supcon_selection_model.py and
+# supcon_pass_sass.py
+supcon_forward = supcon_fwd
+supcon_sample_kernel, supcon_count_kernel, supcon_final_kernel = (_supcon_sample_kernel, _supcon_count_kernel,
+                                                                  _supcon_final_kernel)

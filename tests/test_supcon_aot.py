@@ -32,7 +32,8 @@ SCRIPT = textwrap.dedent("""
     from mcncl_fast.kernels.supcon_select import sample_chunks
     from tests.aot import POINTER, TARGETS, compile_for_targets, config_options, launch_hints
 
-    assert not kernel.INTERPRET
+    from mcncl_fast.kernels._common import interpreting
+    assert not interpreting()
     ROWS = {"labels_ptr": "*i32", "k_ptr": "*i32", "nneg_ptr": "*i32"}
     INTS = ("N", "D", "row_start", "row_count")
     STRIDES = ("stride_m", "stride_n", "stride_d")
@@ -79,7 +80,7 @@ SCRIPT = textwrap.dedent("""
                     constexprs, warps, stages = config_options(config)
                     values = dict(N=n, D=d, row_start=0, row_count=n, n_chunks=sample_chunks(n), stride_m=n * d,
                                   stride_n=d, stride_d=1, out_stride=n, passes_stride=n // constexprs["BM"])
-                    fn = getattr(kernel, f"supcon_{kname}_kernel")
+                    fn = getattr(kernel, f"_supcon_{kname}_kernel")
                     sig = dict(signature, z_ptr=POINTER[name])
                     divisible, ones = launch_hints(fn, sig, {a: v for a, v in values.items() if a in sig})
                     cx = dict(constexprs, BK=bk, ONE_K=one_k, **ones)

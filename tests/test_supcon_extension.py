@@ -107,7 +107,7 @@ def _raw_backward(zn, labels32, theta, logd, w, inv_npos, temperature=0.07, row_
     labels32, theta, logd, w, inv_npos, w_scale = ts
     tail = (torch.cuda.current_stream().cuda_stream,) if device else (0,)
     fn = _C.supcon_backward_cuda if device else _C.supcon_backward_host
-    fn(zn.data_ptr(), supcon_op.DTYPE_CODE[zn.dtype], m_count, n, d, *zn.stride(), labels32.data_ptr(),
+    fn(zn.data_ptr(), supcon_op.dtype_code(zn.dtype), m_count, n, d, *zn.stride(), labels32.data_ptr(),
        theta.data_ptr(), logd.data_ptr(), w.data_ptr(), inv_npos.data_ptr(), w_scale.data_ptr(), 1.0 / temperature,
        grad.data_ptr(), *tail, row_start, row_count)
     return grad
@@ -255,7 +255,7 @@ def test_host_backward_rejects_16bit_dtype_code():
     z = torch.zeros(1, 4, 4, dtype=torch.float16)
     out = torch.zeros(1, 4, 4)
     with pytest.raises(ValueError, match="float32 or float64"):
-        _C.supcon_backward_host(z.data_ptr(), supcon_op.DTYPE_CODE[torch.float16], 1, 4, 4, 16, 4, 1,
+        _C.supcon_backward_host(z.data_ptr(), supcon_op.dtype_code(torch.float16), 1, 4, 4, 16, 4, 1,
                                 0, 0, 0, 0, 0, 0, 1.0, out.data_ptr(), 1)
 
 
@@ -353,7 +353,7 @@ def _sim_backward(fn, zn, labels32, theta, logd, w, inv_npos, row_start=0, row_c
     ts = [t.contiguous() for t in (labels32, theta.float(), logd.float(), w.float(), inv_npos.float(),
                                     w.float().abs().amax(dim=1))]
     grad = torch.full((m_count, rows, d), float("nan"))
-    rc = fn(zn.data_ptr(), supcon_op.DTYPE_CODE[zn.dtype], m_count, n, d, *zn.stride(), *[t.data_ptr() for t in ts],
+    rc = fn(zn.data_ptr(), supcon_op.dtype_code(zn.dtype), m_count, n, d, *zn.stride(), *[t.data_ptr() for t in ts],
             1.0 / temperature, grad.data_ptr(), row_start, row_count, int(land_at_wait))
     assert rc == 0
     return grad

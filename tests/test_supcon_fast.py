@@ -253,7 +253,7 @@ def test_opcheck_custom_ops(monkeypatch):
     z = F.normalize(torch.randn(2, 12, 8), dim=-1).requires_grad_(True)
     labels = torch.randint(0, 3, (12,))
     for num_classes in (None, 3):
-        torch.library.opcheck(supcon_op.supcon_forward, (z, labels, 0.07, 0.3, -100, num_classes),
+        torch.library.opcheck(supcon_op._supcon_fwd, (z, labels, 0.07, 0.3, -100, num_classes),
                               test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
 
 

@@ -71,12 +71,19 @@ def reference(z: torch.Tensor, labels, k, delta, temperature, row_start, row_cou
     return theta, logd, possum, hard_all
 
 
+@pytest.fixture(autouse=True)
+def _poison_scratch(monkeypatch):
+    """Buffers the kernels allocate (per-row state, candidate buffers) start as NaN / -1 (kernels/_common.py)."""
+    from mcncl_fast.kernels import _common
+    monkeypatch.setattr(_common, "POISON", True)
+
+
 def run_kernel(z, labels, k, nneg, delta, temperature, row_start=0, row_count=None):
-    from mcncl_fast.kernels.supcon import supcon_forward
+    from mcncl_fast.kernels.supcon import supcon_fwd
     m_count, n, _ = z.shape
     row_count = n - row_start if row_count is None else row_count
     out = tuple(poison_(torch.empty(m_count, row_count, device=DEVICE)) for _ in range(3))
-    theta, logd, possum, passes = supcon_forward(
+    theta, logd, possum, passes = supcon_fwd(
         z.to(DEVICE), labels.to(DEVICE, torch.int32), k.to(DEVICE), nneg.to(DEVICE),
         delta.to(DEVICE, torch.float32), temperature, row_start=row_start, row_count=row_count, out=out)
     assert theta.data_ptr() == out[0].data_ptr()

@@ -71,15 +71,15 @@ def test_backward_classification_survives_perturbed_similarities(use_path, path,
     z, labels = duplicated_case(50, 33, 3, 7, seed=5)
     zn = supcon_op.normalized_embeddings(z.unsqueeze(0).to(device), True)
     labels = labels.to(device)
-    _, theta, logd, npos, ids = supcon_op.supcon_forward(zn, labels, 0.1, 0.3, -100, None)
+    _, theta, logd, npos, ids = supcon_op._supcon_fwd(zn, labels, 0.1, 0.3, -100, None)
     gen = torch.Generator().manual_seed(0)
     up = torch.rand(zn.shape, generator=gen).to(device) < 0.5
     perturbed = torch.where(up, torch.nextafter(zn, torch.full_like(zn, 2.0)),
                             torch.nextafter(zn, torch.full_like(zn, -2.0)))
     assert not torch.equal(perturbed, zn)
     g = torch.ones(1, device=device)
-    exact = supcon_op.supcon_backward(g, zn, ids, theta, logd, npos, 0.1)
-    moved = supcon_op.supcon_backward(g, perturbed, ids, theta, logd, npos, 0.1)
+    exact = supcon_op._supcon_bwd(g, zn, ids, theta, logd, npos, 0.1)
+    moved = supcon_op._supcon_bwd(g, perturbed, ids, theta, logd, npos, 0.1)
     assert rel_error(moved, exact) < 1e-5
 
 

@@ -1,10 +1,10 @@
 """Public hard-negative SupCon op: checks, torch.library custom ops, dispatch (DESIGN.md §4.3, §5).
 
     z' = normalize(z)                          PyTorch (its backward is autograd's)
-    loss, theta, logd, npos, ids = supcon_forward(z', labels)   custom op mcncl_fast::supcon_forward
-        CUDA / TRITON_INTERPRET=1: Triton kernel (kernels/supcon.py)
+    loss, theta, logd, npos, ids = _supcon_fwd(z', labels)   custom op mcncl_fast::supcon_fwd
+        CUDA / TRITON_INTERPRET=1: Triton kernel (kernels/supcon.py, supcon_fwd)
         plain CPU: chunked PyTorch forward, row blocks, O(block·N) memory
-    dz' = supcon_backward(...)                 custom op mcncl_fast::supcon_backward
+    dz' = _supcon_bwd(...)                     custom op mcncl_fast::supcon_bwd
         CUDA: mcncl_fast._C.supcon_backward_cuda   CPU: mcncl_fast._C.supcon_backward_host
 MCNCL_FAST_BACKEND=reference routes to mcncl_fast.reference.ops. The label statistics (class ids,
 k_i, |P_i|, |Neg_i|) are computed inside the custom op by the reference's `label_statistics`, on the
@@ -20,15 +20,21 @@ import torch
 import torch.nn.functional as F
 
 from .._checks import check_supcon_args
+from ..kernels import supcon as supcon_kernels
 from ..reference import ops as reference_ops
 from ..reference.ops import IGNORE_INDEX, hard_negative_counts, label_statistics, tie_tolerance
 from ._dispatch import input_device, use_reference, use_triton
 
 __all__ = ["supcon_hard_negative_loss", "hard_negative_counts"]
 
-DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
 # rows per block of the CPU forward: block·N similarities (and their sort) live at a time
 CPU_BLOCK_ELEMENTS = 1 << 20
+
+
+def dtype_code(dtype: torch.dtype) -> int:
+    """The extension's code of a z dtype (mcncl_fast._C.SupconDType, defined in csrc/supcon_api.h)."""
+    from .. import _C
+    return int(getattr(_C.SupconDType, str(dtype).removeprefix("torch.")))
 
 
 def _row_range(n: int, row_start: int, row_count: Optional[int]):
@@ -96,8 +102,7 @@ def forward_rows(z: torch.Tensor, stats, temperature: float, row_start: int = 0,
     row_start, row_count = _row_range(z.shape[1], row_start, row_count)
     delta = tie_tolerance(z.float(), stats.class_ids >= 0).float().contiguous()
     if use_triton(z):
-        from mcncl_fast.kernels.supcon import supcon_forward as triton_forward
-        return triton_forward(z, stats.class_ids.to(torch.int32).contiguous(), stats.k.to(torch.int32).contiguous(),
+        return supcon_kernels.supcon_fwd(z, stats.class_ids.to(torch.int32).contiguous(), stats.k.to(torch.int32).contiguous(),
                               stats.negatives.to(torch.int32).contiguous(), delta, temperature,
                               row_start=row_start, row_count=row_count)[:3]
     return chunked_forward(z.float(), stats.class_ids, stats.k, temperature, delta, row_start, row_count)
@@ -131,7 +136,7 @@ def _backward_call(entry, grad_loss, z, labels, theta, logd, npos, temperature, 
     ids = labels.to(torch.int32).contiguous()
     theta = theta.float().contiguous()
     logd = logd.float().contiguous()
-    entry(z.data_ptr(), DTYPE_CODE[z.dtype], m_count, n, d, *z.stride(), ids.data_ptr(), theta.data_ptr(),
+    entry(z.data_ptr(), dtype_code(z.dtype), m_count, n, d, *z.stride(), ids.data_ptr(), theta.data_ptr(),
           logd.data_ptr(), w.data_ptr(), inv_npos.data_ptr(), w_scale.data_ptr(), 1.0 / temperature,
           grad.data_ptr(), last, row_start, row_count)
     return grad
@@ -167,8 +172,8 @@ def backward_rows(grad_loss, z, labels, theta, logd, npos, temperature, row_star
 
 
 # ------------------------------------------------------------------ custom ops
-@torch.library.custom_op("mcncl_fast::supcon_forward", mutates_args=())
-def supcon_forward(z: torch.Tensor, labels: torch.Tensor, temperature: float, hard_ratio: float,
+@torch.library.custom_op("mcncl_fast::supcon_fwd", mutates_args=())
+def _supcon_fwd(z: torch.Tensor, labels: torch.Tensor, temperature: float, hard_ratio: float,
                    ignore_index: int, num_classes: Optional[int]
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """z' [M, N, D] -> (loss [M], theta [M, N], logd [M, N], npos [N] float32, class ids [N] int32)."""
@@ -183,7 +188,7 @@ def supcon_forward(z: torch.Tensor, labels: torch.Tensor, temperature: float, ha
         return combine(logd.float(), possum.float(), npos, temperature), theta.float(), logd.float(), npos, ids
 
 
-@supcon_forward.register_fake
+@_supcon_fwd.register_fake
 def _(z, labels, temperature, hard_ratio, ignore_index, num_classes):
     m_count, n, _ = z.shape
     f32 = dict(dtype=torch.float32, device=z.device)
@@ -191,15 +196,15 @@ def _(z, labels, temperature, hard_ratio, ignore_index, num_classes):
             torch.empty(n, **f32), torch.empty(n, dtype=torch.int32, device=z.device))
 
 
-@torch.library.custom_op("mcncl_fast::supcon_backward", mutates_args=())
-def supcon_backward(grad_loss: torch.Tensor, z: torch.Tensor, class_ids: torch.Tensor, theta: torch.Tensor,
+@torch.library.custom_op("mcncl_fast::supcon_bwd", mutates_args=())
+def _supcon_bwd(grad_loss: torch.Tensor, z: torch.Tensor, class_ids: torch.Tensor, theta: torch.Tensor,
                     logd: torch.Tensor, npos: torch.Tensor, temperature: float) -> torch.Tensor:
     """dL/dz' [M, N, D] in z's dtype."""
     with torch.autocast(z.device.type, enabled=False), input_device(z):
         return backward_rows(grad_loss, z, class_ids, theta, logd, npos, temperature)
 
 
-@supcon_backward.register_fake
+@_supcon_bwd.register_fake
 def _(grad_loss, z, class_ids, theta, logd, npos, temperature):
     return torch.empty_like(z)
 
@@ -213,11 +218,11 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_loss, *unused):
     z, ids, theta, logd, npos = ctx.saved_tensors
-    grad = supcon_backward(grad_loss.contiguous(), z, ids, theta, logd, npos, ctx.temperature)
+    grad = _supcon_bwd(grad_loss.contiguous(), z, ids, theta, logd, npos, ctx.temperature)
     return grad, None, None, None, None, None
 
 
-supcon_forward.register_autograd(_backward, setup_context=_setup_context)
+_supcon_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ------------------------------------------------------------------ public op
@@ -245,6 +250,6 @@ def supcon_hard_negative_loss(z, labels, temperature=0.07, hard_ratio=0.3, norma
                                                        ignore_index, num_classes)
     single = z.dim() == 2
     zn = normalized_embeddings(z.unsqueeze(0) if single else z, normalize)
-    loss = supcon_forward(zn, labels.long(), float(temperature), float(hard_ratio), int(ignore_index),
+    loss = _supcon_fwd(zn, labels.long(), float(temperature), float(hard_ratio), int(ignore_index),
                           num_classes)[0]
     return loss[0] if single else loss
