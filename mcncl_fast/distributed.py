@@ -226,15 +226,3 @@ def gather_objects(obj, ctx: DistContext) -> list:
     out = [None] * ctx.world_size
     dist.all_gather_object(out, obj)
     return out
-
-
-def unwrap(model):
-    """The plain module under DDP and/or torch.compile wrappers."""
-    while True:
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif isinstance(model, torch.nn.parallel.DistributedDataParallel):
-            model = model.module
-        else:
-            return model
-

@@ -21,7 +21,6 @@ import torch
 import torch.nn.functional as F
 
 from . import ops as fast_ops
-from .modules import PSA
 from .reference import model as reference_model
 from .reference.model import MODALITIES, PARTNERS, ModelConfig, ModelOutput
 from .stacked import StackedWeights, dropout, stacked_layer_norm, stacked_linear, streams, tokens
@@ -35,7 +34,6 @@ KV_SOURCES = [MODALITIES.index(PARTNERS[m][sub]) for sub in range(2) for m in MO
 
 class Model(reference_model.Model):
     ops = fast_ops
-    psa_cls = PSA   # its pool() is psa_pool: no [N, L, C] output is materialised
 
     def __init__(self, config=None):
         super().__init__(config)

@@ -161,15 +161,14 @@ def _train(cfg, state, ctx, out_dir, step_callback, epoch_callback=None):
     supcon = type(model).ops.supcon_hard_negative_loss
 
     def forward_loss(batch):
-        if ctx.enabled or cfg.precision != "fp32":
-            # DDP: the loss of the global batch (SupCon over every rank's embeddings); bf16: the forward
-            # under autocast, the loss (CE, SupCon) outside it in fp32. Same formula as Model.forward.
-            with autocast(device, cfg.precision, cache_enabled=not cfg.cuda_graphs):
-                out = train_forward(batch["text"], batch["audio"], batch["visual"], batch["utterance_mask"],
-                                    batch["frame_mask"])
-            return distributed.global_batch_loss(out.logits, out.features, batch["labels"],
-                                                 batch["utterance_mask"], model_config, supcon)["loss"]
-        return train_forward(**batch).loss
+        # one entry point for one process and for DDP: the forward (under autocast with bf16), then the
+        # loss in fp32 over the batch of every process (SupCon over every rank's embeddings; without a
+        # process group, exactly Model.forward's loss)
+        with autocast(device, cfg.precision, cache_enabled=not cfg.cuda_graphs):
+            out = train_forward(batch["text"], batch["audio"], batch["visual"], batch["utterance_mask"],
+                                batch["frame_mask"])
+        return distributed.global_batch_loss(out.logits, out.features, batch["labels"], batch["utterance_mask"],
+                                             model_config, supcon)["loss"]
 
     train_step = TrainStep(forward_loss, model, optimizer, cfg.grad_clip)
     if cfg.cuda_graphs:

@@ -319,3 +319,20 @@ def test_training_mode_dropout_is_drawn_per_stream(monkeypatch):
     out_ref = ref.train()(**batch)
     assert all(not q for q in queues.values())
     _assert_same_step(fast, ref, out_fast, out_ref)
+
+
+def test_the_fast_model_differs_by_its_ops_namespace_only():
+    import pickle
+    from mcncl_fast import modules
+    from mcncl_fast.reference.model import UsesOps
+    cfg = mcncl_fast.ModelConfig(text_dim=8, audio_dim=6, visual_dim=5, d_model=16, num_layers=2, num_heads=2,
+                                 proj_dim=8)
+    for cls, ops in ((mcncl_fast.Model, mcncl_fast.ops), (reference.Model, reference.ops)):
+        model = cls(cfg)
+        users = [m for m in model.modules() if isinstance(m, UsesOps)]
+        assert len(users) == 1 + 2 * 3 * cfg.num_layers            # the PSA and every cross-attention
+        assert {m.ops for m in users} == {ops} and cls.ops is ops
+        clone = pickle.loads(pickle.dumps(copy.deepcopy(model)))  # copyable and picklable (ops kept by name)
+        assert {m.ops for m in clone.modules() if isinstance(m, UsesOps)} == {ops}
+    assert modules.PSA(16).ops is mcncl_fast.ops and modules.CrossModalLayer(cfg).attn[0].ops is mcncl_fast.ops
+    assert reference.model.PSA(16).ops is reference.ops

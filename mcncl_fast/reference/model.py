@@ -3,18 +3,19 @@
 Encoders -> PSA over visual frames -> T layers of bidirectional triple-query
 cross-attention -> projection heads + classifier -> CE + weighted SupCon.
 
-The modules call their ops through `self.ops` (this package's reference ops);
-`mcncl_fast.Model` is a subclass with `ops` set to the fast ops, the PSA module
-class swapped (`psa_cls`) and the MCN and heads run with the three streams
-stacked, on these same per-stream modules, so parameters and state_dict keys
-are shared by construction.
+Every module calls its ops through `self.ops`, the ops namespace it was built
+with (the reference ops by default). `mcncl_fast.Model` is a subclass that
+differs by its `ops` (the fast ops, handed to every module it builds) and by
+running the MCN and heads with the three streams stacked, on these same
+per-stream modules, so parameters and state_dict keys are shared by construction.
 """
 from __future__ import annotations
 
 import functools
 import math
+import sys
 from dataclasses import asdict, dataclass, fields
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 import torch
 import torch.nn as nn
@@ -102,11 +103,26 @@ class ModelOutput:
     features: Optional[Dict[str, torch.Tensor]] = None  # fused F_m(T) [B, S, d] and projections z_m
 
 
-class PSA(nn.Module):
+class UsesOps(nn.Module):
+    """A module that calls an ops namespace (`reference.ops` or `mcncl_fast.ops`): given at construction,
+    else the class's `default_ops`. Kept by name (a module object would make the nn.Module impossible to
+    copy or pickle)."""
+    default_ops = reference_ops
+
+    def __init__(self, ops=None):
+        super().__init__()
+        self.ops_module = (ops or self.default_ops).__name__
+
+    @property
+    def ops(self):
+        return sys.modules[self.ops_module]
+
+
+class PSA(UsesOps):
     """Pyramid squeeze attention: 4 conv branches (k = 3, 5, 7, 9) on C/4 channels + SE gate."""
 
-    def __init__(self, channels: int):
-        super().__init__()
+    def __init__(self, channels: int, ops=None):
+        super().__init__(ops)
         quarter = channels // 4
         self.branches = nn.ModuleList(
             nn.Conv1d(quarter, quarter, 2 * (s + 1) + 1, padding=s + 1) for s in range(4))
@@ -120,16 +136,17 @@ class PSA(nn.Module):
 
     def forward(self, x, frame_mask=None):
         """[N, L, C] -> [N, L, C]"""
-        return reference_ops.psa(x, *self.op_args(), frame_mask=frame_mask)
+        return self.ops.psa(x, *self.op_args(), frame_mask=frame_mask)
 
     def pool(self, x, frame_mask=None):
-        """[N, L, C] -> [N, C]: masked mean over valid frames of forward(x)."""
-        return reference_ops.psa_pool(x, *self.op_args(), frame_mask=frame_mask)
+        """[N, L, C] -> [N, C]: masked mean over valid frames of forward(x) (the fast ops never materialise
+        forward(x))."""
+        return self.ops.psa_pool(x, *self.op_args(), frame_mask=frame_mask)
 
 
-class MultiHeadAttention(nn.Module):
-    def __init__(self, d_model: int, num_heads: int):
-        super().__init__()
+class MultiHeadAttention(UsesOps):
+    def __init__(self, d_model: int, num_heads: int, ops=None):
+        super().__init__(ops)
         self.num_heads = num_heads
         self.q_proj = nn.Linear(d_model, d_model)
         self.k_proj = nn.Linear(d_model, d_model)
@@ -149,20 +166,27 @@ class MultiHeadAttention(nn.Module):
         return self.out_proj(heads.transpose(1, 2).reshape(b, s, h * dh))
 
     def forward(self, query, key_value, key_padding_mask=None):
-        return self.merge(reference_ops.attention(*self.project(query, key_value), key_padding_mask))
+        return self.merge(self.ops.attention(*self.project(query, key_value), key_padding_mask))
 
 
 class CrossModalLayer(nn.Module):
     """One stream of one MCN layer: two cross-attentions (partners p, q) and an FFN, post-norm."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, ops=None):
         super().__init__()
         d = cfg.d_model
-        self.attn = nn.ModuleList(MultiHeadAttention(d, cfg.num_heads) for _ in range(2))
+        self.attn = nn.ModuleList(MultiHeadAttention(d, cfg.num_heads, ops) for _ in range(2))
         self.norms = nn.ModuleList(nn.LayerNorm(d) for _ in range(3))
         self.ffn = nn.Sequential(nn.Linear(d, cfg.ffn_mult * d), nn.ReLU(), nn.Dropout(cfg.dropout),
                                  nn.Linear(cfg.ffn_mult * d, d))
         self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, partner_p, partner_q, key_padding_mask=None):
+        """x [B, S, d] (this stream), partner_p / partner_q [B, S, d] (the keys and values of the two
+        cross-attentions) -> [B, S, d]."""
+        for attn, norm, partner in zip(self.attn, self.norms, (partner_p, partner_q)):
+            x = norm(x + self.dropout(attn(x, partner, key_padding_mask)))
+        return self.norms[2](x + self.dropout(self.ffn(x)))
 
 
 class ProjectionHead(nn.Module):
@@ -176,8 +200,7 @@ class ProjectionHead(nn.Module):
 
 
 class Model(nn.Module):
-    ops = reference_ops
-    psa_cls = PSA
+    ops = reference_ops      # the one thing a variant of the model swaps (mcncl_fast.Model: the fast ops)
 
     def __init__(self, config: Optional[ModelConfig] = None):
         super().__init__()
@@ -185,21 +208,12 @@ class Model(nn.Module):
         d = cfg.d_model
         self.encoders = nn.ModuleDict({"t": nn.Linear(cfg.text_dim, d), "a": nn.Linear(cfg.audio_dim, d),
                                        "v": nn.Linear(cfg.visual_dim, d)})
-        self.psa = self.psa_cls(d)
-        self.layers = nn.ModuleList(nn.ModuleDict({m: CrossModalLayer(cfg) for m in MODALITIES})
+        self.psa = PSA(d, self.ops)
+        self.layers = nn.ModuleList(nn.ModuleDict({m: CrossModalLayer(cfg, self.ops) for m in MODALITIES})
                                     for _ in range(cfg.num_layers))
         self.heads = nn.ModuleDict({m: ProjectionHead(d, cfg.proj_dim) for m in MODALITIES})
         self.classifier = nn.Sequential(nn.Linear(3 * d, d), nn.ReLU(), nn.Linear(d, d), nn.ReLU(),
                                         nn.Linear(d, d), nn.ReLU(), nn.Linear(d, cfg.num_classes))
-
-    # -- cross-attention of the three streams, one stream at a time ----------------------
-    def _cross_attend(self, attns: List[MultiHeadAttention], queries, keys, key_padding_mask):
-        """One cross-attention per stream (same shapes): returns the out-projected outputs."""
-        outs = []
-        for attn, query, key_value in zip(attns, queries, keys):
-            q, k, v = attn.project(query, key_value)
-            outs.append(attn.merge(self.ops.attention(q, k, v, key_padding_mask)))
-        return outs
 
     # -- forward ----------------------------------------------------------------------
     def encode(self, text, audio, visual, utterance_mask, frame_mask=None):
@@ -220,14 +234,8 @@ class Model(nn.Module):
         state = dict(unimodal)
         for layer in self.layers:
             kv = unimodal if self.config.kv_source == "input" else state
-            x = dict(state)
-            for sub in range(2):
-                outs = self._cross_attend([layer[m].attn[sub] for m in MODALITIES],
-                                          [x[m] for m in MODALITIES],
-                                          [kv[PARTNERS[m][sub]] for m in MODALITIES], utterance_mask)
-                for m, out in zip(MODALITIES, outs):
-                    x[m] = layer[m].norms[sub](x[m] + layer[m].dropout(out))
-            state = {m: layer[m].norms[2](x[m] + layer[m].dropout(layer[m].ffn(x[m]))) for m in MODALITIES}
+            state = {m: layer[m](state[m], kv[PARTNERS[m][0]], kv[PARTNERS[m][1]], utterance_mask)
+                     for m in MODALITIES}
         return state
 
     def forward(self, text, audio, visual, utterance_mask, frame_mask=None, labels=None) -> ModelOutput:
