@@ -82,7 +82,7 @@ def analyse(dtype_name: str, d: int, capability: int, n: int = 32768):
         constexprs, warps, stages = config_options(config)
         values = dict(N=n, D=d, row_start=0, row_count=n, n_chunks=sample_chunks(n), stride_m=n * d, stride_n=d,
                       stride_d=1, out_stride=n, passes_stride=n // constexprs["BM"])
-        fn = getattr(kernel, f"supcon_{name}_kernel")
+        fn = getattr(kernel, f"_supcon_{name}_kernel")
         sig = dict(signature, z_ptr=POINTER[dtype_name])
         divisible, ones = launch_hints(fn, sig, {a: v for a, v in values.items() if a in sig})
         cx = dict(constexprs, BK=bk, ONE_K=one_k, **ones)

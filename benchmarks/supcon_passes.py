@@ -121,11 +121,12 @@ k, neg = hard_counts(labels, {hard_ratio})
 i32 = lambda a: torch.from_numpy(a).to(torch.int32)
 values = dict(z=torch.from_numpy(z)[None], labels=i32(labels), class_ids=i32(labels), k=i32(k), nneg=i32(neg),
               negatives=i32(neg), temperature=0.07, hard_ratio={hard_ratio}, delta=torch.zeros(1))
-out = call_by_name(sup.supcon_forward, values)
+fwd = getattr(sup, "supcon_fwd", None) or sup.supcon_forward   # the launcher's name in older checkouts
+out = call_by_name(fwd, values)
 bm = sup.configs_for(torch.float32)[0].kwargs["BM"]
 passes = [t for t in out if t.dtype == torch.int32][-1][0, :-(-{n} // bm)].tolist()
 # the kernel of the "Before" report counted histogram passes; later ones count all passes over the tiles
-hist = "histogram passes" in " ".join((sup.supcon_forward.__doc__ or "").split())
+hist = "histogram passes" in " ".join((fwd.__doc__ or "").split())
 print(json.dumps({{"bm": bm, "passes": [p if hist else p - 2 for p in passes]}}))
 """
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=3600)

@@ -360,11 +360,11 @@ def interpreter_passes(n: int, kind: str = "random", hard_ratio: float = 0.3, se
 import json, sys, numpy as np, torch
 sys.path.insert(0, {str(root / "benchmarks")!r})
 from supcon_selection_model import embeddings, hard_counts
-from mcncl_fast.kernels.supcon import supcon_forward
+from mcncl_fast.kernels.supcon import supcon_fwd
 z, labels = embeddings({n}, kind={kind!r}, seed={seed})
 k, nneg = hard_counts(labels, {hard_ratio})
 i32 = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(torch.int32)
-out = supcon_forward(torch.from_numpy(z)[None], i32(labels), i32(k), i32(nneg), torch.tensor([2.0 ** -18]), 0.07)
+out = supcon_fwd(torch.from_numpy(z)[None], i32(labels), i32(k), i32(nneg), torch.tensor([2.0 ** -18]), 0.07)
 print(json.dumps(out[3][0].tolist()))
 """
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(root))

@@ -375,9 +375,3 @@ def supcon_fwd(z: torch.Tensor, labels: torch.Tensor, k: torch.Tensor, nneg: tor
                                    theta.stride(0), passes.stride(0), 1.0 / temperature, BK=bk, ONE_K=one_k)
     return theta, logd, possum, passes
 
-
-# names of earlier versions, still used by benchmarks/supcon_passes.py, supcon_selection_model.py and
-# supcon_pass_sass.py
-supcon_forward = supcon_fwd
-supcon_sample_kernel, supcon_count_kernel, supcon_final_kernel = (_supcon_sample_kernel, _supcon_count_kernel,
-                                                                  _supcon_final_kernel)
