@@ -5,8 +5,8 @@
 
 Triton kernels. The real launchers (kernels/*.py: supcon_fwd, attention_fwd/bwd, psa_fwd/bwd,
 psa_pool_fwd/bwd; *_forward / *_backward in older checkouts) run on CPU tensors of the benchmark
-shapes with every kernel's `run` replaced by a recorder. Each recorded launch is expanded like the autotuner does on a GPU
-(early prune, heuristics) and specialised by Triton's own launch binder (JITFunction._pack_args): a
+shapes with every kernel's `run` replaced by a recorder. Each recorded launch is expanded like the autotuner does
+on a GPU (early prune, heuristics) and specialised by Triton's own launch binder (JITFunction._pack_args): a
 pointer or an integer divisible by 16 gets tt.divisibility=16, an integer equal to 1 becomes the
 constexpr 1. Then triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda",
 90, 32), options) — the compile of a real launch, without a driver. Per variant:

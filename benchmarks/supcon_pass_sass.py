@@ -107,7 +107,8 @@ def main(argv=None):
     parser.add_argument("--capability", type=int, default=90)
     args = parser.parse_args(argv)
     print(f"{args.dtype}, D = {args.d}, sm_{args.capability}, launch at N = 32768\n")
-    print("| kernel | tile loop | config | regs | spill st/ld (B) | body (SASS) | loops inside | elements / thread / tile | SASS / element |")
+    print("| kernel | tile loop | config | regs | spill st/ld (B) | body (SASS) | loops inside | "
+          "elements / thread / tile | SASS / element |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in analyse(args.dtype, args.d, args.capability):
         print(f"| {r['kernel']} | {r['loop']} | {r['config']} | {r['regs']} | {r['spills']} | {r['body']} | "

@@ -161,7 +161,8 @@ def key_params(lo, hi, active):
     small = w1 <= BINS
     with np.errstate(all="ignore"):
         mult = np.where(small, 0, (BINS * 2 ** 32) // np.maximum(w1, 1)).astype(np.uint64)
-    return (np.where(active, lo, np.uint32(0xFFFFFFFF)).astype(np.uint32), np.where(active, hi, np.uint32(0)).astype(np.uint32),
+    return (np.where(active, lo, np.uint32(0xFFFFFFFF)).astype(np.uint32),
+            np.where(active, hi, np.uint32(0)).astype(np.uint32),
             mult, small.astype(np.uint64))
 
 

@@ -59,4 +59,5 @@ def test_supcon_forward_backward(n, dtype, impl, run_benchmark, benchmark, devic
         torch.cuda.empty_cache()
         pytest.skip(f"{impl} runs out of GPU memory at N={n}")
     big = n >= 32768
-    run_benchmark(step, rounds=(1 if n > 262144 else 3 if big else 10) if CUDA else 3, warmup_rounds=0 if n > 262144 else 1)
+    run_benchmark(step, rounds=(1 if n > 262144 else 3 if big else 10) if CUDA else 3,
+                  warmup_rounds=0 if n > 262144 else 1)

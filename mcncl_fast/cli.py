@@ -1,8 +1,8 @@
 """Command line: `python -m mcncl_fast {train,evaluate,predict,extract} ...`.
 
 Multi-GPU: `torchrun --nproc_per_node=N -m mcncl_fast train ...` (DDP; NCCL on
-GPUs, gloo on CPU; --batch-size is per process). User mistakes (bad option values, missing or corrupt checkpoints, unreadable
-data files) are reported as one line on stderr with exit status 2.
+GPUs, gloo on CPU; --batch-size is per process). User mistakes (bad option values, missing or corrupt checkpoints,
+unreadable data files) are reported as one line on stderr with exit status 2.
 """
 from __future__ import annotations
 
@@ -141,7 +141,8 @@ def _train_config(args) -> TrainConfig:
     try:
         ModelConfig(**model)  # validate hyper-parameters before loading any data
     except ValueError as exc:   # name the option the user typed: "ModelConfig.alpha" -> "--alpha"
-        raise UserError(re.sub(r"ModelConfig\.(\w+)", lambda m: "--" + m.group(1).replace("_", "-"), str(exc))) from None
+        raise UserError(re.sub(r"ModelConfig\.(\w+)", lambda m: "--" + m.group(1).replace("_", "-"),
+                               str(exc))) from None
     return TrainConfig(dataset=args.dataset, data_path=args.data_path, synthetic_scale=args.synthetic_scale,
                        device=args.device, seed=args.seed, epochs=args.epochs, batch_size=args.batch_size,
                        lr=args.lr, weight_decay=args.weight_decay, grad_clip=args.grad_clip,

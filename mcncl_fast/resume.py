@@ -28,7 +28,8 @@ def explicit_fields(cfg: TrainConfig) -> Set[str]:
     """For the Python API: the fields of `cfg` that differ from TrainConfig's defaults ("model:<key>" for
     model options)."""
     default = TrainConfig()
-    names = {f.name for f in fields(TrainConfig) if f.name != "model" and getattr(cfg, f.name) != getattr(default, f.name)}
+    names = {f.name for f in fields(TrainConfig)
+             if f.name != "model" and getattr(cfg, f.name) != getattr(default, f.name)}
     return names | {f"model:{key}" for key in cfg.model}
 
 

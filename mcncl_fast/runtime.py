@@ -71,7 +71,8 @@ class TrainConfig:
                 raise UserError(f"--{name.replace('_', '-')}: invalid value {getattr(self, name)!r}")
         if not isinstance(self.device, str) or DEVICE_PATTERN.fullmatch(self.device) is None:
             raise UserError(f"--device: expected auto, cpu, cuda or cuda:N, got {self.device!r}")
-        if not self.modalities or set(self.modalities) - set("tav") or len(set(self.modalities)) != len(self.modalities):
+        if (not self.modalities or set(self.modalities) - set("tav")
+                or len(set(self.modalities)) != len(self.modalities)):
             raise UserError(f"--modalities: expected a non-empty combination of t, a, v, got {self.modalities!r}")
 
 

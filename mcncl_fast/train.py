@@ -1,7 +1,7 @@
 """The training loop: epochs of TrainStep (mcncl_fast/step.py), dev evaluation, checkpoints, the test report.
 
-Checkpoints (mcncl_fast/checkpoints.py) are written atomically and hold everything needed to resume bit-for-bit: model and
-optimizer state, epoch, best dev score, RNG state, and the run's options.
+Checkpoints (mcncl_fast/checkpoints.py) are written atomically and hold everything needed to resume bit-for-bit:
+model and optimizer state, epoch, best dev score, RNG state, and the run's options.
 The shuffling order of epoch e depends only on (seed, e), so a resumed run
 sees the same batches as an uninterrupted one.
 

@@ -235,7 +235,8 @@ def test_every_config_in_the_interpreter(device):
     out_ref = ref.attention(q, k, v, mask)
     grad_out = torch.randn_like(out_ref)
     grads_ref = _grads(out_ref, (q, k, v), grad_out)
-    configs = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]): c for c in kernels.FWD_CONFIGS + kernels.DQ_CONFIGS + kernels.DKDV_CONFIGS}
+    configs = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]): c
+               for c in kernels.FWD_CONFIGS + kernels.DQ_CONFIGS + kernels.DKDV_CONFIGS}
     for config in configs.values():
         out, lse, key_end = kernels.attention_fwd(*x, mask, scale, config=config)
         assert_close_rel(out[0], out_ref, torch.float32, f"out {config}")

@@ -23,7 +23,8 @@ def _dump(tmp_path, name, obj):
 
 
 def _meld10(tmp_path, as_list=False, sentiment=True):
-    """hujingwen6666/MMGCN dataloader.py MELDDataset and zerohd4869/MM-DFN code/dataloader.py MELDDataset unpack (videoIDs, videoSpeakers, videoLabels, videoText, videoAudio, videoVisual, videoSentence,
+    """hujingwen6666/MMGCN dataloader.py MELDDataset and zerohd4869/MM-DFN code/dataloader.py MELDDataset unpack
+    (videoIDs, videoSpeakers, videoLabels, videoText, videoAudio, videoVisual, videoSentence,
     trainVid, testVid, _): text 600-d, audio 300-d, visual 342-d per utterance, speakers one-hot."""
     rng = np.random.default_rng(10)
     train, test = list(range(0, 12)), list(range(1153, 1156))
@@ -188,7 +189,8 @@ def test_letter_and_one_hot_speakers(tmp_path):
     bad = dict(spk)
     bad[0] = [[1, 0], [1, 1], [0, 1], [1, 0]]
     p = _dump(tmp_path, "badspk.pkl", (ids, bad, emo, text, audio, visual, sent, train, test, sen))
-    with pytest.raises(UserError, match=r"dialogue 0: videoSpeakers, utterance 1: speaker \[1.0, 1.0\] is not a one-hot"):
+    with pytest.raises(UserError, match=r"dialogue 0: videoSpeakers, utterance 1: "
+                                        r"speaker \[1.0, 1.0\] is not a one-hot"):
         load_dataset("meld", p)
 
 

@@ -31,7 +31,8 @@ def _dialogues(rng, ids, num_classes, dt, da, dv=None, frames=False):
 def _iemocap(tmp_path, frames=False, name="iemocap.pkl"):
     # declare-lab/conv-emotion DialogueRNN/dataloader.py IEMOCAPDataset (and zerohd4869/MM-DFN code/dataloader.py)
     rng = np.random.default_rng(1)
-    train, test = [f"Ses0{i}F_impro0{i}" for i in range(1, 10)] + ["Ses05M_script01"], ["Ses05F_impro01", "Ses05F_impro02"]
+    train, test = ([f"Ses0{i}F_impro0{i}" for i in range(1, 10)] + ["Ses05M_script01"],
+                   ["Ses05F_impro01", "Ses05F_impro02"])
     d = _dialogues(rng, train + test, 6, dt=10, da=7, dv=5, frames=frames)
     obj = (d["ids"], d["spk"], d["lab"], d["text"], d["audio"], d["vis"], d["sent"], train, test)
     path = tmp_path / name

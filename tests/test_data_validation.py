@@ -109,7 +109,8 @@ def test_visual_dim_mismatch_names_the_odd_utterance(tmp_path):
     with pytest.raises(UserError, match=rf"dialogue '{first}', utterance 0: visual feature dim 4 differs from 5, "
                                         r"the dim of 23 other utterances"):
         _load(tmp_path, _iemocap(videoVisual=visual))
-    with pytest.raises(UserError, match=r"dialogue 'd4': videoText, utterance 1: expected a feature vector of length 4"):
+    with pytest.raises(UserError, match=r"dialogue 'd4': videoText, utterance 1: "
+                                        r"expected a feature vector of length 4"):
         _load(tmp_path, _iemocap(videoText=lambda d: _set(d, "d4", [d["d4"][0], d["d4"][1][:3], d["d4"][2]])))
 
 
@@ -133,7 +134,8 @@ def test_feature_store_validation(tmp_path):
     with pytest.raises(UserError, match=r"train.safetensors: dialogue 'dia3', utterance 1: non-finite visual"):
         load_dataset("features", tmp_path)
     write_split(split_path(tmp_path, "train"), _store_dialogues(5, labels=(2, [0, 3, 1])), ["a", "b", "c"])
-    with pytest.raises(UserError, match=r"dialogue 'dia2', utterance 1: label 3 is not one of the class ids in \[0, 3\)"):
+    with pytest.raises(UserError, match=r"dialogue 'dia2', utterance 1: label 3 is not one of the class ids "
+                                        r"in \[0, 3\)"):
         load_dataset("features", tmp_path)
     write_split(split_path(tmp_path, "train"), _store_dialogues(5, labels=(4, [0, -1, 1])), ["a", "b", "c"])
     splits = load_dataset("features", tmp_path)

@@ -45,7 +45,8 @@ def test_diverging_run_stops_naming_the_step_and_saves_nothing(tmp_path):
 @pytest.mark.parametrize("args,needle", [
     (["--alpha", "nan"], "--alpha"), (["--lr", "inf"], "--lr"), (["--weight-decay", "inf"], "--weight-decay"),
     (["--seed", "-1"], "--seed"), (["--synthetic-scale", "inf"], "--synthetic-scale"),
-    (["--temperature", "inf"], "--temperature"), (["--device", "mps"], "--device"), (["--grad-clip", "nan"], "--grad-clip"),
+    (["--temperature", "inf"], "--temperature"), (["--device", "mps"], "--device"),
+    (["--grad-clip", "nan"], "--grad-clip"),
 ])
 def test_bad_hyper_parameters_are_refused_before_anything_runs(args, needle, tmp_path, capsys):
     assert main(["train", *args, "--output-dir", str(tmp_path / "never")]) == 2
@@ -89,7 +90,8 @@ def test_resume_continues_the_saved_run_from_anywhere(tmp_path, monkeypatch, cap
     captured = capsys.readouterr()
     assert "resume: --epochs: 1 -> 2" in captured.out + captured.err
     state = load_checkpoint(run / "last.pt")
-    assert state["epoch"] == 2 and state["train_config"]["seed"] == 4 and state["train_config"]["model"]["d_model"] == 16
+    assert (state["epoch"] == 2 and state["train_config"]["seed"] == 4
+            and state["train_config"]["model"]["d_model"] == 16)
     assert not list(elsewhere.iterdir())                                   # nothing written where it started
     for option, value in (("--d-model", "32"), ("--lr", "0.1"), ("--dataset", "iemocap"), ("--seed", "5")):
         assert main(["train", "--resume", str(run / "last.pt"), option, value]) == 2

@@ -17,7 +17,8 @@ from .splits import DEV_FRACTION, carve_dev
 from .store import FeatureStoreSplit, load_feature_store, write_split
 from .synthetic import MELD_CLASSES, SyntheticConversations, synthetic_splits
 
-__all__ = ["DataSplits", "DialogueList", "collate_dialogues", "ShapeBuckets", "SyntheticConversations", "synthetic_splits",
+__all__ = ["DataSplits", "DialogueList", "collate_dialogues", "ShapeBuckets",
+           "SyntheticConversations", "synthetic_splits",
            "MELD_CLASSES", "IEMOCAP_CLASSES", "DATASETS", "load_dataset", "load_erc_pickle", "load_feature_store",
            "write_split", "FeatureStoreSplit", "carve_dev", "UserError"]
 

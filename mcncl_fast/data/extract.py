@@ -159,7 +159,8 @@ def extract(meld_dir, output, text_model, visual_model, splits=("train", "dev", 
     options = {"text_model": str(Path(text_model).resolve()), "text_pooling": text_pooling,
                "text_max_length": text_max_length, "audio_feature_set": audio_feature_set,
                "audio_sample_rate": audio_sample_rate,
-               "visual_model": visual_model if str(visual_model).lower() == "none" else str(Path(visual_model).resolve()),
+               "visual_model": (visual_model if str(visual_model).lower() == "none"
+                                else str(Path(visual_model).resolve())),
                "visual_output": visual_output, "fps": fps, "max_frames": max_frames, "image_size": image_size,
                "store_dtype": store_dtype}
     _check_options(output, options, overwrite, commit=False)

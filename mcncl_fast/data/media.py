@@ -99,7 +99,8 @@ def decode_audio(path: Path, sample_rate: int) -> np.ndarray:
 class AudioEncoder:
     def __init__(self, feature_set: str = "eGeMAPSv02", sample_rate: int = 16000):
         if feature_set not in AUDIO_FEATURE_SETS:
-            raise UserError(f"--audio-feature-set: expected one of {', '.join(AUDIO_FEATURE_SETS)}, got {feature_set!r}")
+            raise UserError(f"--audio-feature-set: expected one of {', '.join(AUDIO_FEATURE_SETS)}, "
+                            f"got {feature_set!r}")
         opensmile = require("opensmile")
         self.smile = opensmile.Smile(feature_set=getattr(opensmile.FeatureSet, feature_set),
                                      feature_level=opensmile.FeatureLevel.Functionals)
@@ -163,7 +164,8 @@ def load_image_model(path: str, output: str = "logits"):
             module = torch.export.load(str(p)).module()
             return module, module, "torch.export program"
         except Exception as exc:
-            raise UserError(f"--visual-model: {p} is not a loadable torch.export program ({type(exc).__name__})") from None
+            raise UserError(f"--visual-model: {p} is not a loadable torch.export program "
+                            f"({type(exc).__name__})") from None
     try:
         with warnings.catch_warnings():   # torch.load warns before refusing a TorchScript archive
             warnings.simplefilter("ignore")

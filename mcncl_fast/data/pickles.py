@@ -74,7 +74,8 @@ def _rows(value, n: int, where: str) -> torch.Tensor:
     try:
         arr = np.asarray(value, dtype=np.float32)
     except (ValueError, TypeError):
-        raise UserError(f"{where}: expected {n} feature vectors of one length, got ragged or non-numeric data") from None
+        raise UserError(f"{where}: expected {n} feature vectors of one length, "
+                        "got ragged or non-numeric data") from None
     if arr.ndim != 2 or arr.shape[0] != n or arr.shape[1] < 1:
         raise UserError(f"{where}: expected shape ({n}, D) (one feature row per label), got {arr.shape}")
     return torch.from_numpy(np.ascontiguousarray(arr))

@@ -128,10 +128,12 @@ class FeatureStoreSplit(Dataset):
         except UserError:
             raise
         except Exception as exc:  # truncated file, bad header, bad JSON
-            raise UserError(f"{self.path}: unreadable or truncated ({type(exc).__name__}); expected {EXPECTED}") from None
+            raise UserError(f"{self.path}: unreadable or truncated ({type(exc).__name__}); "
+                            f"expected {EXPECTED}") from None
         u, d = len(self.labels), len(self.dialogue_ids)
         if (len(self.utterance_offsets) != d + 1 or int(self.utterance_offsets[-1]) != u or rows["text"] != u
-                or rows["audio"] != u or len(self.frame_offsets) != u + 1 or int(self.frame_offsets[-1]) != rows["visual"]):
+                or rows["audio"] != u or len(self.frame_offsets) != u + 1
+                or int(self.frame_offsets[-1]) != rows["visual"]):
             raise UserError(f"{self.path}: inconsistent index (offsets do not match the arrays); expected {EXPECTED}")
         self.indices = list(range(d)) if indices is None else list(indices)
         self._handle, self._pid = None, None

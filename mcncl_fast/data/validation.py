@@ -80,7 +80,8 @@ def check_finite(where: str, name: str, value) -> None:
         return
     for i, v in enumerate(value):
         if not torch.isfinite(v).all():
-            raise UserError(f"{where}, utterance {i}: non-finite {name} feature value ({v[~torch.isfinite(v)][0].item()})")
+            raise UserError(f"{where}, utterance {i}: non-finite {name} feature value "
+                            f"({v[~torch.isfinite(v)][0].item()})")
 
 
 def check_split_ids(where: str, splits: Dict[str, Tuple[str, Sequence]]) -> None:
@@ -108,7 +109,8 @@ def check_dims(where: str, dialogues: Sequence[dict]) -> Tuple[int, int, int]:
     for d in dialogues:
         entries["text"].append((d["text"].shape[1], f"dialogue {d['id']!r}"))
         entries["audio"].append((d["audio"].shape[1], f"dialogue {d['id']!r}"))
-        entries["visual"].extend((v.shape[1], f"dialogue {d['id']!r}, utterance {i}") for i, v in enumerate(d["visual"]))
+        entries["visual"].extend((v.shape[1], f"dialogue {d['id']!r}, utterance {i}")
+                                 for i, v in enumerate(d["visual"]))
     dims = []
     for name, items in entries.items():
         if not items:

@@ -102,7 +102,8 @@ def forward_rows(z: torch.Tensor, stats, temperature: float, row_start: int = 0,
     row_start, row_count = _row_range(z.shape[1], row_start, row_count)
     delta = tie_tolerance(z.float(), stats.class_ids >= 0).float().contiguous()
     if use_triton(z):
-        return supcon_kernels.supcon_fwd(z, stats.class_ids.to(torch.int32).contiguous(), stats.k.to(torch.int32).contiguous(),
+        return supcon_kernels.supcon_fwd(z, stats.class_ids.to(torch.int32).contiguous(),
+                              stats.k.to(torch.int32).contiguous(),
                               stats.negatives.to(torch.int32).contiguous(), delta, temperature,
                               row_start=row_start, row_count=row_count)[:3]
     return chunked_forward(z.float(), stats.class_ids, stats.k, temperature, delta, row_start, row_count)

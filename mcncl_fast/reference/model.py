@@ -328,7 +328,9 @@ def check_model_inputs(cfg: ModelConfig, text, audio, visual, utterance_mask, fr
         # a device-side assertion: immediate on the CPU, no host sync on CUDA
         bad = utterance_mask & (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= cfg.num_classes))
         try:
-            torch._assert_async(~bad.any(), "labels: expected class ids in [0, num_classes) or the ignore label -100 at valid utterances")
+            torch._assert_async(~bad.any(), "labels: expected class ids in [0, num_classes) or the ignore label -100 "
+                                            "at valid utterances")
         except RuntimeError:
-            raise ValueError(f"labels: expected class ids in [0, {cfg.num_classes}) or {IGNORE_INDEX} at valid utterances, "
+            raise ValueError(f"labels: expected class ids in [0, {cfg.num_classes}) or {IGNORE_INDEX} "
+                             "at valid utterances, "
                              f"got {labels[bad][:5].tolist()}") from None
