@@ -108,17 +108,20 @@ def _branch_pointer(s, ptr0, ptr1, ptr2, ptr3):
 
 
 @triton.jit
-def _branch_tile(Q, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr):
+def _branch_tile(Q, w0_ptr, w1_ptr, w2_ptr, w3_ptr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_L: tl.constexpr):
     """Program coordinates of the frame-tiled kernels, grid (row blocks, 4 branches x channel blocks):
-    the branch s, this program's channels of that branch, its first row, and for each of its BLOCK_M
-    slots the row and the frame offset within the BLOCK_L-frame window."""
+    the branch s, this program's channels of that branch, its first row, for each of its BLOCK_M slots
+    the row and the frame offset within the BLOCK_L-frame window; then the branch's kernel size K,
+    its padding and its weights W[o, i, j] (at (o Q + i) K + j)."""
     BLOCK_N: tl.constexpr = BLOCK_M // BLOCK_L
     num_qb = tl.cdiv(Q, BLOCK_Q)
     s = tl.program_id(1) // num_qb
     offs_c = (tl.program_id(1) % num_qb) * BLOCK_Q + tl.arange(0, BLOCK_Q)
     row0 = tl.program_id(0) * BLOCK_N
     offs_m = tl.arange(0, BLOCK_M)
-    return s, offs_c, row0, row0 + offs_m // BLOCK_L, offs_m % BLOCK_L
+    w_ptr = _branch_pointer(s, w0_ptr, w1_ptr, w2_ptr, w3_ptr)
+    return s, offs_c, row0, row0 + offs_m // BLOCK_L, offs_m % BLOCK_L, 2 * s + 3, s + 1, w_ptr
 
 
 @triton.jit

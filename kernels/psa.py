@@ -35,10 +35,8 @@ def _psa_conv_fwd_kernel(x_ptr, mask_ptr, w0_ptr, w1_ptr, w2_ptr, w3_ptr, b0_ptr
                          y_ptr, z_ptr, N, L, C, Q, HAS_MASK: tl.constexpr, DOT_DTYPE: tl.constexpr,
                          BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr):
     BLOCK_N: tl.constexpr = BLOCK_M // BLOCK_L
-    s, offs_o, row0, rows, tt = _branch_tile(Q, BLOCK_Q, BLOCK_M, BLOCK_L)
-    K = 2 * s + 3
-    PAD = s + 1
-    w_ptr = _branch_pointer(s, w0_ptr, w1_ptr, w2_ptr, w3_ptr)         # W[o, i, j] at (o Q + i) K + j
+    s, offs_o, row0, rows, tt, K, PAD, w_ptr = _branch_tile(Q, w0_ptr, w1_ptr, w2_ptr, w3_ptr, BLOCK_Q,
+                                                            BLOCK_M, BLOCK_L)
     o_ok = offs_o < Q
     offs_i = tl.arange(0, BLOCK_Q)
     row_ok = rows < N

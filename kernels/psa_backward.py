@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from ._common import empty, interpreting, prune_by
-from ._psa_common import (BRANCHES, CONV_CONFIGS, ELEMENTWISE_CONFIGS, TAPS, _branch_pointer, _branch_tile,
+from ._psa_common import (BRANCHES, CONV_CONFIGS, ELEMENTWISE_CONFIGS, TAPS, _branch_tile,
                           _frame_ok, _tap_branch, block_l, block_q, branch_args, dot_dtype, mask_arg, rows_grid)
 from .psa_se import param_grads, se_bwd
 
@@ -80,10 +80,8 @@ def _psa_gate_grad_kernel(dout_ptr, y_ptr, mask_ptr, dg_ptr, N, L, C, HAS_MASK: 
 def _psa_conv_dx_kernel(dout_ptr, g_ptr, a_ptr, mask_ptr, w0_ptr, w1_ptr, w2_ptr, w3_ptr, dx_ptr, N, L, C, Q,
                         HAS_MASK: tl.constexpr, DOT_DTYPE: tl.constexpr,
                         BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_L: tl.constexpr):
-    s, offs_i, _, rows, tt = _branch_tile(Q, BLOCK_Q, BLOCK_M, BLOCK_L)
-    K = 2 * s + 3
-    PAD = s + 1
-    w_ptr = _branch_pointer(s, w0_ptr, w1_ptr, w2_ptr, w3_ptr)         # W[o, i, j] at (o Q + i) K + j
+    s, offs_i, _, rows, tt, K, PAD, w_ptr = _branch_tile(Q, w0_ptr, w1_ptr, w2_ptr, w3_ptr, BLOCK_Q,
+                                                         BLOCK_M, BLOCK_L)
     i_ok = offs_i < Q
     offs_o = tl.arange(0, BLOCK_Q)
     row_ok = rows < N

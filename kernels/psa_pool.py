@@ -51,10 +51,8 @@ def _psa_window_squeeze_kernel(x_ptr, mask_ptr, w0_ptr, w1_ptr, w2_ptr, w3_ptr, 
     S[n, (s(s+2) + j) Q + i] = window sums of every tap j (stored by the first output block) and
     z[n, sQ + o] = (V b[o] + sum_j S_j[n, :] W[o, :, j]) / max(V, 1)."""
     BLOCK_N: tl.constexpr = BLOCK_M // BLOCK_L
-    s, offs_o, row0, rows, tt = _branch_tile(Q, BLOCK_Q, BLOCK_M, BLOCK_L)
-    K = 2 * s + 3
-    PAD = s + 1
-    w_ptr = _branch_pointer(s, w0_ptr, w1_ptr, w2_ptr, w3_ptr)         # W[o, i, j] at (o Q + i) K + j
+    s, offs_o, row0, rows, tt, K, PAD, w_ptr = _branch_tile(Q, w0_ptr, w1_ptr, w2_ptr, w3_ptr, BLOCK_Q,
+                                                            BLOCK_M, BLOCK_L)
     o_ok = offs_o < Q
     # S is stored by the first output block; the others (Q > BLOCK_Q) recompute it for their dots
     s_rows_end = tl.where(tl.program_id(1) % tl.cdiv(Q, BLOCK_Q) == 0, N, 0)
@@ -98,10 +96,8 @@ def _psa_window_dx_kernel(a_ptr, mask_ptr, w0_ptr, w1_ptr, w2_ptr, w3_ptr, dx_pt
     """grid (row blocks, 4 x input-channel blocks). dx[n, u, sQ + i] = m[u] sum_j m[u - j + P] B_j[n, i]
     with B_j = a_s W_j^T computed here per row block (recomputed per frame tile when L > BLOCK_L)."""
     BLOCK_N: tl.constexpr = BLOCK_M // BLOCK_L
-    s, offs_i, row0, rows, tt = _branch_tile(Q, BLOCK_Q, BLOCK_M, BLOCK_L)
-    K = 2 * s + 3
-    PAD = s + 1
-    w_ptr = _branch_pointer(s, w0_ptr, w1_ptr, w2_ptr, w3_ptr)         # W[o, i, j] at (o Q + i) K + j
+    s, offs_i, row0, rows, tt, K, PAD, w_ptr = _branch_tile(Q, w0_ptr, w1_ptr, w2_ptr, w3_ptr, BLOCK_Q,
+                                                            BLOCK_M, BLOCK_L)
     i_ok = offs_i < Q
     row_ok = rows < N
     rows64 = rows.to(tl.int64)
