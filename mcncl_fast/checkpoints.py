@@ -1,44 +1,27 @@
 """Checkpoints: written atomically (a temp file in the same folder, then os.replace), checked when read."""
 from __future__ import annotations
 
-import os
 import pickle
-import tempfile
 from pathlib import Path
 
 import torch
 
+from ._files import atomic_path
 from .data.errors import UserError
 
 CHECKPOINT_VERSION = 1
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
-    """torch.save to a temp file in the same folder, then an atomic rename. A full disk or a folder that
-    became unwritable is a one-line error; the previous file of that name is left as it was."""
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as exc:    # torch's zip writer reports a failed write as RuntimeError
-        _remove(tmp)
-        if isinstance(exc, RuntimeError) and "writ" not in str(exc).lower():
-            raise
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0]
-        raise UserError(f"could not write {path}: {reason}") from None
-    except BaseException:
-        _remove(tmp)
-        raise
-
-
-def _remove(tmp):
-    if tmp is not None and os.path.exists(tmp):
-        os.unlink(tmp)
+    """torch.save, atomically (mcncl_fast._files). A full disk or a folder that became unwritable is a
+    one-line error; the previous file of that name is left as it was."""
+    with atomic_path(path) as tmp:
+        try:
+            torch.save(state, tmp)
+        except RuntimeError as exc:      # torch's zip writer reports a failed write as RuntimeError
+            if "writ" not in str(exc).lower():
+                raise
+            raise OSError(str(exc).splitlines()[0]) from None
 
 
 def load_checkpoint(path) -> dict:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Optional
@@ -14,6 +13,7 @@ from torch.utils.data import Subset
 from tqdm.auto import tqdm
 
 from . import distributed
+from ._files import write_text_atomic
 from .checkpoints import load_checkpoint
 from .data import DataSplits, load_dataset
 from .data.errors import UserError
@@ -145,16 +145,8 @@ def evaluate(checkpoint_path, split: str = "test", device: str = "auto", output:
 
 
 def write_report(report: dict, path: Path) -> None:
-    """JSON, written atomically (a temp file beside it, then a rename); a failure leaves no temp file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(report, indent=2))
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise UserError(f"could not write {path}: {exc.strerror or exc}") from None
+    """JSON, written atomically; a failure leaves no temp file."""
+    write_text_atomic(path, json.dumps(report, indent=2))
 
 
 def format_report(report: dict) -> str:

@@ -11,8 +11,6 @@ data file only the initialisation, the shuffling and dropout change (a carved de
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 from typing import Optional, Sequence
@@ -20,6 +18,7 @@ from typing import Optional, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
+from ._files import write_text_atomic
 from .data.errors import UserError
 from .runtime import TrainConfig
 from .tracking import epoch_callback
@@ -54,25 +53,12 @@ def summarize(seeds: Sequence[int], reports: Sequence[dict], output_dirs: Sequen
             "protocol": "each run's test scores are those of its best dev weighted F1 epoch (best.pt)"}
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def write_summary(summary: dict, directory) -> dict:
     from .reports import seeds_table
     directory = Path(directory)
     files = {"summary_json": directory / "summary.json", "summary_md": directory / "summary.md"}
-    _write_atomic(files["summary_json"], json.dumps(summary, indent=2))
-    _write_atomic(files["summary_md"], seeds_table(summary))
+    write_text_atomic(files["summary_json"], json.dumps(summary, indent=2))
+    write_text_atomic(files["summary_md"], seeds_table(summary))
     return {k: str(v) for k, v in files.items()}
 
 

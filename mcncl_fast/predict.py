@@ -15,8 +15,6 @@ written atomically (a temp file in the same folder, then a rename).
 from __future__ import annotations
 
 import csv
-import os
-import tempfile
 from pathlib import Path
 from typing import Iterator, List, Optional, Sequence, Tuple
 
@@ -25,6 +23,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .data import DATASETS, collate_dialogues
+from ._files import atomic_path
 from .data.errors import UserError
 from .evaluation import restore
 from .runtime import autocast, batch_to_device
@@ -73,28 +72,18 @@ def predict_file(checkpoint, output, data_path=None, dataset: Optional[str] = No
     model, cfg, splits, dev = restore(checkpoint, device, dataset, data_path, visual_path, batch_size)
     chosen = ("train", "dev", "test") if split == "all" else (split,)
     names = list(splits.class_names)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=output.name + ".", suffix=".tmp", dir=output.parent)
     rows = dialogues = 0
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(header(names))
-            for part in chosen:
-                for vid, probs in dialogue_probabilities(model, getattr(splits, part), dev, cfg.batch_size,
-                                                         cfg.modalities, cfg.precision, cfg.num_workers,
-                                                         desc=f"predict {part}", show=show):
-                    best = probs.argmax(-1).tolist()
-                    for u, (p, k) in enumerate(zip(probs.tolist(), best)):
-                        writer.writerow([part, vid, u, names[k]] + [f"{x:.8g}" for x in p])
-                    rows, dialogues = rows + len(best), dialogues + 1
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, output)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(output) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header(names))
+        for part in chosen:
+            for vid, probs in dialogue_probabilities(model, getattr(splits, part), dev, cfg.batch_size,
+                                                     cfg.modalities, cfg.precision, cfg.num_workers,
+                                                     desc=f"predict {part}", show=show):
+                best = probs.argmax(-1).tolist()
+                for u, (p, k) in enumerate(zip(probs.tolist(), best)):
+                    writer.writerow([part, vid, u, names[k]] + [f"{x:.8g}" for x in p])
+                rows, dialogues = rows + len(best), dialogues + 1
     return {"output": str(output), "rows": rows, "dialogues": dialogues, "splits": list(chosen),
             "class_names": names}
 

@@ -5,7 +5,7 @@ Before any data is loaded or any step is taken, `RunDirectory.open`:
 * takes a lock file (`.lock`, holding the process id): a second run into the same folder is refused
   while the first is alive; a lock left by a killed process is taken over;
 * proves the folder writable by writing a probe file (a read-only folder fails now, not after an epoch);
-* removes temp files left by a save that was killed half-way (`*.pt.*.tmp`, `*.json.tmp`);
+* removes temp files left by a save that was killed half-way (`*.pt.*.tmp`, `*.json.*.tmp`, ...);
 * refuses a fresh run into a folder that already holds a run's checkpoints, unless told to overwrite
   them: `--resume <folder>/last.pt` continues that run instead.
 """
@@ -21,7 +21,7 @@ from .data.errors import UserError
 
 LOCK_NAME = ".lock"
 RUN_FILES = ("last.pt", "best.pt")
-DEBRIS_PATTERNS = ("*.pt.*.tmp", "*.json.tmp", ".probe.*")
+DEBRIS_PATTERNS = ("*.pt.*.tmp", "*.json.*.tmp", "*.md.*.tmp", ".probe.*")   # _files.atomic_path
 
 
 def _alive(pid: int) -> bool:

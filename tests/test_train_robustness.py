@@ -179,7 +179,8 @@ def test_full_disk_during_a_save_keeps_the_old_file(tmp_path, monkeypatch):
     before = path.read_bytes()
 
     def full(obj, f, *args, **kwargs):
-        f.write(b"partial")
+        with open(f, "wb") as out:             # half a file, then the disk is full
+            out.write(b"partial")
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     monkeypatch.setattr(torch, "save", full)
     with pytest.raises(UserError, match="could not write .*last.pt: No space left"):

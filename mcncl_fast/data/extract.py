@@ -17,16 +17,15 @@ reason, and its utterance is left out; it is retried on the next run.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Dict, List
 
 import torch
 from tqdm.auto import tqdm
 
+from .._files import atomic_path
 from .errors import UserError
 from .media import AUDIO_FEATURE_SETS, AudioEncoder, TextEncoder, VisualEncoder, require
 from .pickles import MELD_CLASSES
@@ -113,14 +112,8 @@ def clip_folder(meld_dir: Path, split: str, overrides: Dict[str, str]) -> Path:
 
 
 def _save_atomic(obj, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _check_options(output: Path, options: dict, overwrite: bool, commit: bool) -> None:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
@@ -31,6 +30,7 @@ from safetensors.torch import save_file
 from torch.utils.data import Dataset
 
 from .dialogues import DataSplits
+from .._files import atomic_path
 from .errors import UserError
 from .splits import DEV_FRACTION, carve_dev
 from .validation import validate_feature_store
@@ -88,15 +88,8 @@ def write_split(path, dialogues: Iterable[dict], class_names: Sequence[str], spl
             "class_names": json.dumps(list(class_names)), "dialogue_ids": json.dumps(ids),
             "utterance_ids": json.dumps(utt_ids), "extra": json.dumps(extra or {})}
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 
