@@ -25,22 +25,12 @@ from mcncl_fast import reference
 from mcncl_fast.step import CudaGraphStep, TrainStep, make_optimizer
 
 from .conftest import CUDA
+from .model_ops import make_batch
 
 # MELD-like batch on GPU; a small one on CPU
 SHAPE = dict(b=16, s=24, frames=8) if CUDA else dict(b=4, s=12, frames=4)
 VARIANTS = ("reference-eager", "reference-compiled", "fast-eager", "fast-compiled", "fast-cuda-graphs")
 CPU_VARIANTS = ("reference-eager", "fast-eager")   # inductor on the whole model takes minutes on 2 cores
-
-
-def make_batch(cfg, device, b, s, frames):
-    g = torch.Generator().manual_seed(0)
-    utterance_mask = torch.rand(b, s, generator=g) > 0.2
-    utterance_mask[:, 0] = True
-    batch = dict(text=torch.randn(b, s, cfg.text_dim, generator=g), audio=torch.randn(b, s, cfg.audio_dim, generator=g),
-                 visual=torch.randn(b, s, frames, cfg.visual_dim, generator=g), utterance_mask=utterance_mask,
-                 frame_mask=torch.rand(b, s, frames, generator=g) > 0.2,
-                 labels=torch.randint(0, cfg.num_classes, (b, s), generator=g))
-    return {k: v.to(device) for k, v in batch.items()}
 
 
 def make_step(variant, device, precision):
@@ -56,7 +46,7 @@ def make_step(variant, device, precision):
             return forward(**batch).loss
     step = TrainStep(forward_loss, model, optimizer, grad_clip=1.0)
     step = CudaGraphStep(step) if graphs else step
-    batch = make_batch(cfg, device, **SHAPE)
+    batch = {k: v.to(device) for k, v in make_batch(cfg, **SHAPE).items()}
     return lambda: step(batch)
 
 

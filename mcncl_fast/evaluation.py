@@ -19,7 +19,7 @@ from .data import DataSplits, load_dataset
 from .data.errors import UserError
 from .model import ModelConfig
 from .reference.ops import IGNORE_INDEX
-from .runtime import TrainConfig, autocast, batch_to_device, build_model, eval_loader, resolve_device
+from .runtime import TrainConfig, build_model, eval_loader, forward_logits, resolve_device
 
 
 def metrics_report(y_true, y_pred, class_names) -> dict:
@@ -50,10 +50,7 @@ def predict(model, loader, device, modalities="tav", desc="eval", precision="fp3
     model.eval()
     y_true, y_pred = [torch.zeros(0, dtype=torch.int64)], [torch.zeros(0, dtype=torch.int64)]
     for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=not show):
-        batch = batch_to_device(batch, device, modalities)
-        with autocast(device, precision):
-            logits = model(batch["text"], batch["audio"], batch["visual"], batch["utterance_mask"],
-                           batch["frame_mask"]).logits
+        batch, logits = forward_logits(model, batch, device, modalities, precision)
         mask = batch["utterance_mask"] & (batch["labels"] != IGNORE_INDEX)
         y_true.append(batch["labels"][mask].cpu())
         y_pred.append(logits[mask].float().argmax(-1).cpu())

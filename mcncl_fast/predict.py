@@ -26,7 +26,7 @@ from .data import DATASETS, collate_dialogues
 from ._files import atomic_path
 from .data.errors import UserError
 from .evaluation import restore
-from .runtime import autocast, batch_to_device
+from .runtime import forward_logits
 
 SPLITS = ("train", "dev", "test", "all")
 
@@ -45,10 +45,7 @@ def dialogue_probabilities(model, dataset, device, batch_size: int, modalities: 
                         num_workers=num_workers)
     for batch, ids in tqdm(loader, desc=desc, dynamic_ncols=True, disable=not show):
         lengths = batch["utterance_mask"].sum(1).tolist()
-        inputs = batch_to_device(batch, device, modalities)
-        with autocast(device, precision):
-            logits = model(inputs["text"], inputs["audio"], inputs["visual"], inputs["utterance_mask"],
-                           inputs["frame_mask"]).logits
+        _, logits = forward_logits(model, batch, device, modalities, precision)
         probs = torch.softmax(logits.float(), dim=-1).cpu()
         for i, (vid, n) in enumerate(zip(ids, lengths)):
             yield vid, probs[i, :n]

@@ -110,6 +110,14 @@ def autocast(device, precision: str = "fp32", cache_enabled: bool = True):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, cache_enabled=cache_enabled)
 
 
+def forward_logits(model, batch, device, modalities: str = "tav", precision: str = "fp32"):
+    """Evaluation forward: (the batch on the device, modalities left out zeroed; the model's logits)."""
+    batch = batch_to_device(batch, device, modalities)
+    with autocast(device, precision):
+        return batch, model(batch["text"], batch["audio"], batch["visual"], batch["utterance_mask"],
+                            batch["frame_mask"]).logits
+
+
 def build_model(model_config: ModelConfig, device) -> Model:
     return Model(model_config).to(device)
 

@@ -253,16 +253,11 @@ class Model(nn.Module):
                            contrastive_loss=losses["contrastive_loss"], features=features)
 
 
-@functools.lru_cache(maxsize=16)
-def _loss_weights(alpha: float, beta: float, gamma: float, device: torch.device) -> torch.Tensor:
-    # made once per device: a host-to-device copy inside every step would break CUDA graph capture
-    return torch.tensor([alpha, beta, gamma], device=device)
-
-
-@functools.lru_cache(maxsize=16)
-def _class_weights(weights: tuple, device: torch.device) -> torch.Tensor:
-    # ModelConfig.class_weights as a device tensor, made once per device (as _loss_weights)
-    return torch.tensor(weights, dtype=torch.float32, device=device)
+@functools.lru_cache(maxsize=32)
+def _device_constants(values: tuple, device: torch.device) -> torch.Tensor:
+    """Loss constants (α, β, γ; class weights) as a float32 tensor, made once per device: a host-to-device
+    copy inside every step would cost a transfer per step and break CUDA graph capture."""
+    return torch.tensor(values, dtype=torch.float32, device=device)
 
 
 def mcncl_loss(cfg: ModelConfig, logits, projections, labels, utterance_mask, supcon, gather_rows=None):
@@ -278,7 +273,7 @@ def mcncl_loss(cfg: ModelConfig, logits, projections, labels, utterance_mask, su
     utterances (F.cross_entropy's weighted mean).
     """
     targets = torch.where(utterance_mask, labels, IGNORE_INDEX).reshape(-1)
-    class_weights = None if cfg.class_weights is None else _class_weights(cfg.class_weights, logits.device)
+    class_weights = None if cfg.class_weights is None else _device_constants(cfg.class_weights, logits.device)
     # sum / count rather than mean: a batch with no valid utterance gives 0, not NaN
     ce_sum = F.cross_entropy(logits.reshape(targets.numel(), -1).float(), targets, weight=class_weights,
                              ignore_index=IGNORE_INDEX, reduction="sum")
@@ -301,7 +296,7 @@ def mcncl_loss(cfg: ModelConfig, logits, projections, labels, utterance_mask, su
         ce = ce_sum / torch.where(weight_sum > 0, weight_sum, 1.0)
     contrastive = supcon(z, targets, cfg.temperature, cfg.hard_ratio,
                          ignore_index=IGNORE_INDEX, num_classes=cfg.num_classes)
-    weights = _loss_weights(cfg.alpha, cfg.beta, cfg.gamma, contrastive.device)
+    weights = _device_constants((cfg.alpha, cfg.beta, cfg.gamma), contrastive.device)
     return {"loss": ce + (weights * contrastive).sum(), "ce_loss": ce, "contrastive_loss": contrastive,
             "num_utterances": count}
 
