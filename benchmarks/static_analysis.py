@@ -1,6 +1,7 @@
 """Helpers of benchmarks/static_report.py: compile as a launch would, read what the compiler produced.
 
-* `load_kernels(root)`: the `kernels/` package of any checkout, imported by path.
+* `load_kernels(root)`: the Triton kernels package of any checkout (`mcncl_fast/kernels/`, or the top-level
+  `mcncl_fast/kernels/` of older checkouts), imported by path.
 * `record_launches(package)`: run the real launchers on CPU tensors with every Triton kernel's `run`
   replaced by a recorder; `expand(launch, target)` then applies the autotuner's pruning, the
   heuristics and Triton's own launch binder (`JITFunction._pack_args`, triton 3.9) to each recorded
@@ -215,9 +216,17 @@ def demangle(names):
 
 
 # ------------------------------------------------------------------ loading and launching kernels
+def kernels_dir(root: Path) -> Path:
+    """The Triton kernels folder of a checkout: mcncl_fast/kernels, or mcncl_fast/kernels/ in older checkouts."""
+    for sub in ("mcncl_fast/kernels", "kernels"):
+        if (Path(root).resolve() / sub / "__init__.py").exists():
+            return Path(root).resolve() / sub
+    raise FileNotFoundError(f"no Triton kernels package under {root} (mcncl_fast/kernels/ or mcncl_fast/kernels/)")
+
+
 def load_kernels(root: Path):
-    """Import <root>/kernels as a package under a name unique to root (any checkout, by path)."""
-    init = Path(root).resolve() / "kernels" / "__init__.py"
+    """Import the checkout's kernels package under a name unique to root (any checkout, by path)."""
+    init = kernels_dir(root) / "__init__.py"
     name = "static_kernels_" + hashlib.sha1(str(init).encode()).hexdigest()[:10]
     if name not in sys.modules:
         spec = importlib.util.spec_from_file_location(name, init, submodule_search_locations=[str(init.parent)])

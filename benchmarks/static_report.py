@@ -3,7 +3,7 @@
     python benchmarks/static_report.py [--root CHECKOUT] [--arch 90,80] [--kernels supcon,attention,psa,cuda]
                                        [--selection-passes] [--output FILE [--section NAME]] [--json FILE]
 
-Triton kernels. The real launchers (kernels/*.py: supcon_fwd, attention_fwd/bwd, psa_fwd/bwd,
+Triton kernels. The real launchers (mcncl_fast/kernels/*.py: supcon_fwd, attention_fwd/bwd, psa_fwd/bwd,
 psa_pool_fwd/bwd; *_forward / *_backward in older checkouts) run on CPU tensors of the benchmark
 shapes with every kernel's `run` replaced by a recorder. Each recorded launch is expanded like the autotuner does
 on a GPU (early prune, heuristics) and specialised by Triton's own launch binder (JITFunction._pack_args): a
@@ -201,7 +201,8 @@ def git_describe(root: Path) -> str:
     def git(*args):
         return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True).stdout.strip()
     commit = git("rev-parse", "--short", "HEAD") or "unknown commit"
-    dirty = " + uncommitted changes" if git("status", "--porcelain", "--", "kernels", "csrc") else ""
+    changed = git("status", "--porcelain", "--", "mcncl_fast/kernels", "kernels", "csrc")
+    dirty = " + uncommitted changes" if changed else ""
     return f"commit {commit}{dirty}"
 
 
@@ -225,7 +226,7 @@ def render(root, archs, sections, elapsed):
     gpu = f"GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "no GPU"
     ptxas = ", ".join(f"{sa.tool_version(sa.ptxas_path(a))} for sm_{a}" for a in archs)
     head = [f"Generated {datetime.date.today().isoformat()} by `{command_line(sys.argv[1:], root)}` in "
-            f"{elapsed / 60:.1f} min on a {os.cpu_count()}-core CPU machine, {gpu}; kernels/ and csrc/ of "
+            f"{elapsed / 60:.1f} min on a {os.cpu_count()}-core CPU machine, {gpu}; mcncl_fast/kernels/ and csrc/ of "
             f"{git_describe(root)}" + (" (checked out at $ROOT)." if root != REPO else "."),
             f"triton {triton.__version__} (ptxas {ptxas}), nvcc {nvcc_version}, torch {torch.__version__}; compiled "
             f"for {', '.join(f'sm_{a}' for a in archs)}. Shapes: SupCon M={SUPCON['M']} N={SUPCON['N']} "
@@ -248,7 +249,7 @@ def write_section(path: Path, name: str, body: str):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 2)[2],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--root", type=Path, default=REPO, help="checkout whose kernels/ and csrc/ are compiled")
+    parser.add_argument("--root", type=Path, default=REPO, help="checkout whose Triton kernels and csrc/ are compiled")
     parser.add_argument("--arch", default="90", help="compute capabilities, comma-separated (90, 80)")
     parser.add_argument("--kernels", default=",".join(GROUPS), help=f"groups, comma-separated: {','.join(GROUPS)}")
     parser.add_argument("--only", default="", help="kernel name substrings, comma-separated (e.g. attn_fwd)")

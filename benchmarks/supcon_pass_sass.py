@@ -1,6 +1,6 @@
 """SASS instructions per similarity element per pass of the SupCon forward kernels, without a GPU.
 
-Compiles kernels/supcon.py's three kernels as a launch would (config, K tile and tile options of
+Compiles mcncl_fast/kernels/supcon.py's three kernels as a launch would (config, K tile and tile options of
 the launcher; tt.divisibility of a contiguous z, tests.aot.launch_hints), re-assembles with Triton's
 ptxas flags (registers, spills) and reads the tile loops off `cuobjdump -sass`: a tile loop is a
 loop whose body holds the MMA; its body divided by the similarity elements each thread holds per

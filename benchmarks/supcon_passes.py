@@ -1,6 +1,6 @@
 """Passes over the similarity tiles of the SupCon forward's exact selection, simulated in numpy.
 
-The algorithm simulated is the one kernels/supcon.py (as of the "Before" report) describes: per anchor
+The algorithm simulated is the one mcncl_fast/kernels/supcon.py (as of the "Before" report) describes: per anchor
 row, order-preserving uint32 keys of the float32 similarities; a stats pass gives the initial bracket
 [lo, hi] on the side of zero that holds t_i (the k_i-th largest negative); each histogram pass splits the
 bracket into 16 bins of width 2^shift (shift = max(bit length of hi - lo, 4) - 4) and keeps the highest

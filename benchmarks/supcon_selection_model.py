@@ -1,6 +1,6 @@
 """Passes over the similarity tiles of the SupCon forward's exact selection, modelled in numpy.
 
-`program_passes` takes the decisions kernels/supcon.py takes for one program (a block of anchor
+`program_passes` takes the decisions mcncl_fast/kernels/supcon.py takes for one program (a block of anchor
 rows), on float32 similarities, in the same float32 arithmetic; `before_passes` does the same
 for the algorithm the kernel had before (a stats pass, one 16-bin histogram pass per 4 bits of
 the key, a denominator pass). A program's count depends only on its own rows, so a few programs
@@ -19,7 +19,7 @@ import sys
 
 import numpy as np
 
-# the kernels' selection parameters (kernels/supcon_select.py; a test checks that they agree)
+# the kernels' selection parameters (mcncl_fast/kernels/supcon_select.py; a test checks that they agree)
 BINS = 15             # histogram bins per counting pass; 15 = above, < 0 below
 ABOVE = 15
 CHUNK = 32            # sample columns per sorted chunk
@@ -350,7 +350,7 @@ def simulate(z, labels, hard_ratio=0.3, bm=128, bn=32, programs=None, seed=0, de
 
 
 def interpreter_passes(n: int, kind: str = "random", hard_ratio: float = 0.3, seed: int = 0):
-    """Passes per program of kernels/supcon.py under TRITON_INTERPRET=1 (a separate process) on
+    """Passes per program of mcncl_fast/kernels/supcon.py under TRITON_INTERPRET=1 (a separate process) on
     embeddings(n, kind=kind, seed=seed): list of ints."""
     import json
     import os

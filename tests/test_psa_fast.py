@@ -1,8 +1,8 @@
-"""Fast PSA (mcncl_fast.ops.psa / psa_pool, kernels/psa*.py) vs the reference (DESIGN.md §3, §4.1, §6).
+"""Fast PSA (mcncl_fast.ops.psa / psa_pool, mcncl_fast/kernels/psa*.py) vs the reference (DESIGN.md §3, §4.1, §6).
 
 On CPU the Triton kernels run through TRITON_INTERPRET=1 (small shapes: the interpreter costs a few
 ms per program x loop iteration); on a GPU the same tests run with `-m gpu`. Every buffer a kernel
-writes starts as NaN (kernels/_common.py POISON), so an unwritten element fails the test.
+writes starts as NaN (mcncl_fast/kernels/_common.py POISON), so an unwritten element fails the test.
 The shapes are a representative subset of L in {1, 2, 7, 32, 100} x N in {1, 5, 64} x C in {64, 256}:
 every value appears, with output and all 13 gradients compared.
 """

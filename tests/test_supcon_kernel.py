@@ -1,4 +1,4 @@
-"""The SupCon forward kernel (kernels/supcon.py) against its definition, computed in float64.
+"""The SupCon forward kernel (mcncl_fast/kernels/supcon.py) against its definition, computed in float64.
 
 Most cases use dyadic embeddings (entries k / 32, |k| <= 8): every similarity is then exact in
 float32 whatever the summation order, so the kernel's s_ij equal the float64 ones and t_i, the hard

@@ -1,9 +1,9 @@
 """Public PSA ops: input checks, dispatch, torch.library custom ops (DESIGN.md §3, §4.1, §5).
 
-`psa` -> [N, L, C] (kernels/psa.py, kernels/psa_backward.py); `psa_pool` -> [N, C], the masked
+`psa` -> [N, L, C] (mcncl_fast/kernels/psa.py, mcncl_fast/kernels/psa_backward.py); `psa_pool` -> [N, C], the masked
 mean over valid frames of psa's output, computed as gate * (masked mean of the branch output) from
 windowed sums of x, without the per-frame convolution or any [N, L, C] intermediate
-(kernels/psa_pool.py). Custom ops (namespace mcncl_fast), the four branch weights and biases as
+(mcncl_fast/kernels/psa_pool.py). Custom ops (namespace mcncl_fast), the four branch weights and biases as
 Tensor[] arguments: psa_fwd, psa_pool_fwd (forward, with the fp32 squeeze z, SE hidden h, gate g and
 y / the window sums S saved for the backward) and psa_bwd (all 13 input gradients, the branch ones
 as two Tensor[]).
@@ -58,7 +58,7 @@ def _(x, weights, biases, fc1_weight, fc1_bias, fc2_weight, fc2_bias, frame_mask
 def _psa_pool_fwd(x: Tensor, weights: List[Tensor], biases: List[Tensor], fc1_weight: Tensor, fc1_bias: Tensor,
                   fc2_weight: Tensor, fc2_bias: Tensor, frame_mask: Optional[Tensor]
                   ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """-> (pool, S, z, h, g): pooled output, windowed sums S [N, 24 C/4] (kernels/psa_pool.py), squeeze,
+    """-> (pool, S, z, h, g): pooled output, windowed sums S [N, 24 C/4] (mcncl_fast/kernels/psa_pool.py), squeeze,
     SE hidden, gate (fp32)."""
     with input_device(x):
         return pool_kernels.psa_pool_fwd(x, weights, biases, fc1_weight, fc1_bias, fc2_weight, fc2_bias, frame_mask)

@@ -2,7 +2,7 @@
 
     z' = normalize(z)                          PyTorch (its backward is autograd's)
     loss, theta, logd, npos, ids = _supcon_fwd(z', labels)   custom op mcncl_fast::supcon_fwd
-        CUDA / TRITON_INTERPRET=1: Triton kernel (kernels/supcon.py, supcon_fwd)
+        CUDA / TRITON_INTERPRET=1: Triton kernel (mcncl_fast/kernels/supcon.py, supcon_fwd)
         plain CPU: chunked PyTorch forward, row blocks, O(block·N) memory
     dz' = _supcon_bwd(...)                     custom op mcncl_fast::supcon_bwd
         CUDA: mcncl_fast._C.supcon_backward_cuda   CPU: mcncl_fast._C.supcon_backward_host
@@ -50,7 +50,7 @@ def chunked_forward(z: torch.Tensor, labels: torch.Tensor, k: torch.Tensor, temp
                     block_elements: int = CPU_BLOCK_ELEMENTS):
     """theta, logd, possum ([M, R] each, z's dtype) of anchor rows [row_start, row_start + R) without an
     N x N matrix: O(block·N) memory. labels: class ids, negative = ignored row; delta [M]: the tie
-    tolerance (default: tie_tolerance(z)). Same definitions as the Triton kernel (kernels/supcon.py):
+    tolerance (default: tie_tolerance(z)). Same definitions as the Triton kernel (mcncl_fast/kernels/supcon.py):
     hard = negatives with s >= t_i - delta, theta = midpoint of the smallest hard and the largest
     other negative (-inf when every negative is hard, +inf without any)."""
     m_count, n, _ = z.shape

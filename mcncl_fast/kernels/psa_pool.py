@@ -14,8 +14,8 @@ With the SE gradient a = dz / cnt, the branch-output gradient is dy[n, t, o] = m
   dx[n, u, i] = m[u] sum_j m[u - j + P] B_j[n, i],   B_j[n, i] = sum_o a[n, o] W[o, i, j]
 
 Device operations: forward = 2 launches (_psa_window_squeeze_kernel, then the SE forward of
-kernels/psa_se.py), backward = 3 (the SE backward, _psa_window_dx_kernel, the parameter-gradient kernel
-of kernels/psa_se.py); no ATen compute op. The small per-row matmuls S_j W_j^T and a W_j are
+mcncl_fast/kernels/psa_se.py), backward = 3 (the SE backward, _psa_window_dx_kernel, the parameter-gradient kernel
+of mcncl_fast/kernels/psa_se.py); no ATen compute op. The small per-row matmuls S_j W_j^T and a W_j are
 tl.dot on each program's rows inside the window kernels (fp32, input_precision="ieee"), the frame
 counts and the bias term are computed there, and the weights are read in their own layout.
 The per-frame work is elementwise (no matmul over frames): O(N L C K) adds instead of the

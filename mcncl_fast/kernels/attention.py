@@ -65,7 +65,7 @@ def _smem_estimate(config, head_dim, elt, kernel):
 
 def fitting_configs(configs, named_args, kernel, **kwargs):
     """The GPU rule: the configs that fit in shared memory for this head dim / dtype (the interpreter
-    takes the first config: kernels/_common.py)."""
+    takes the first config: mcncl_fast/kernels/_common.py)."""
     head_dim = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM"))
     elt = named_args["Q"].element_size()
     fit = [c for c in configs if _smem_estimate(c, head_dim, elt, kernel) <= SMEM_LIMIT]

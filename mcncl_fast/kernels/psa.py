@@ -1,14 +1,14 @@
-"""Fused Pyramid Squeeze Attention, forward (DESIGN.md §3, §4.1). Backward: kernels/psa_backward.py.
+"""Fused Pyramid Squeeze Attention, forward (DESIGN.md §3, §4.1). Backward: mcncl_fast/kernels/psa_backward.py.
 
 x [N, L, C], Q = C/4 channels per branch s = 0..3, kernel K_s = 2s + 3, zero padding s + 1 (shared
-pieces: kernels/_psa_common.py). psa's forward is three launches and no other device operation:
+pieces: mcncl_fast/kernels/_psa_common.py). psa's forward is three launches and no other device operation:
   _psa_conv_fwd_kernel   grid (row blocks, 4 branches x output-channel blocks). One pass over x:
                          the branch conv as K_s small matmuls tl.dot([frames, Q_in], W_j[Q_in, Q_out])
                          over shifted frame windows (input zeroed at padded frames), + bias; stores the
                          branch output y and the squeeze z = masked mean over frames (fp32).
-  _psa_se_fwd_kernel     (kernels/psa_se.py) grid (row blocks). SE MLP h = relu(fc1 z), g = sigmoid(fc2 h).
+  _psa_se_fwd_kernel     (mcncl_fast/kernels/psa_se.py) grid (row blocks). SE MLP h = relu(fc1 z), g = sigmoid(fc2 h).
   _psa_gate_apply_kernel grid (frame blocks, channel blocks). out = y * g * frame_mask.
-psa_pool does not run the per-frame convolution at all (kernels/psa_pool.py): the squeeze is a
+psa_pool does not run the per-frame convolution at all (mcncl_fast/kernels/psa_pool.py): the squeeze is a
 convolution of windowed sums of x, so it never materialises [N, L, C].
 
 Tiles: a program covers BLOCK_N = BLOCK_M // BLOCK_L whole rows x BLOCK_L frames, flattened to

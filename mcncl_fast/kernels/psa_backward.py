@@ -1,9 +1,9 @@
-"""Fused Pyramid Squeeze Attention, backward (DESIGN.md §3, §4.1). Forward: kernels/psa.py.
+"""Fused Pyramid Squeeze Attention, backward (DESIGN.md §3, §4.1). Forward: mcncl_fast/kernels/psa.py.
 
 Math (m = frame mask, cnt = max(sum_t m, 1), y = branch output, g = gate, z = squeeze, h = SE hidden):
   psa:      out = m * y * g            dg = sum_t m * dout * y
   psa_pool: pool = g * z               dg = dpool * z,  and z gets dpool * g directly
-            (psa_pool's branch backward is in kernels/psa_pool.py: no per-frame convolution)
+            (psa_pool's branch backward is in mcncl_fast/kernels/psa_pool.py: no per-frame convolution)
   SE:       dpre2 = dg * g * (1 - g);  dh = dpre2 @ fc2_w;  dpre1 = dh * (h > 0);  dz = dpre1 @ fc1_w (+ dpool * g)
             a = dz / cnt
   branch:   dy = m * (dout * g + a)    (never materialised: each kernel rebuilds its tile from dout, g, a, m)
@@ -12,11 +12,11 @@ Math (m = frame mask, cnt = max(sum_t m, 1), y = branch output, g = gate, z = sq
 
 Kernels (psa's backward is these five launches; no ATen compute op):
   _psa_gate_grad_kernel  dg row sums, one pass over dout and y.
-  _psa_se_bwd_kernel     (kernels/psa_se.py) per row block: dpre2, dpre1, a (fp32).
+  _psa_se_bwd_kernel     (mcncl_fast/kernels/psa_se.py) per row block: dpre2, dpre1, a (fp32).
   _psa_conv_dx_kernel    transposed conv as K_s matmuls over shifted windows of dy.
   _psa_conv_dw_kernel    grid (24 taps x channel blocks, P row chunks): per-chunk partial dW (and db)
                          written to [P, ...] fp32 buffers (P depends only on N).
-  _psa_param_grad_kernel (kernels/psa_se.py) every parameter gradient in its parameter's own layout and
+  _psa_param_grad_kernel (mcncl_fast/kernels/psa_se.py) every parameter gradient in its parameter's own layout and
                          dtype: the conv dW / db as the sum of the P partials, in order, and the SE fc
                          gradients. A deterministic reduction without atomics.
 """

@@ -1,4 +1,4 @@
-"""Passes of the SupCon forward kernels (kernels/supcon.py): the tile loops.
+"""Passes of the SupCon forward kernels (mcncl_fast/kernels/supcon.py): the tile loops.
 
 `_sim_tile` is the one place similarities are computed: every pass inlines it, so all passes see
 bit-identical values. `_count_pass` is a counting pass (histogram of bins), `_final_pass` the pass

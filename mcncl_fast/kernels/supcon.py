@@ -2,12 +2,12 @@
 
 A program = BM anchor rows of one modality against all N columns. The similarities
 S = Z_I Z_J^T are recomputed tile by tile with tl.dot (IEEE for float32, float32 accumulation for
-16-bit) by one helper, `_sim_tile` (kernels/supcon_passes.py), so every pass sees bit-identical
+16-bit) by one helper, `_sim_tile` (mcncl_fast/kernels/supcon_passes.py), so every pass sees bit-identical
 values; nothing N x N is stored. Per anchor: theta, log D and the sum of positive similarities.
 t_i = the k_i-th largest negative similarity (exactly, on these values); a negative is hard iff
 s >= t_i - delta (float32); D = sum of exp(s / tau) over the hard negatives and the positives.
 
-Selection: per row a bracket [lo, hi] of values (uint32 keys, kernels/supcon_select.py) with
+Selection: per row a bracket [lo, hi] of values (uint32 keys, mcncl_fast/kernels/supcon_select.py) with
 c_gt = count(s > hi) < k <= c_gt + c_in, c_in = count(s in [lo, hi]). Three kernels:
   _supcon_sample_kernel  the first bracket, from a sample: chunks of CHUNK = 32 columns spread over
       all N (N / 8 columns, at most 8192), each sorted; the quantiles at p -/+ 4 standard errors
@@ -56,7 +56,7 @@ from .supcon_select import (CAP, CHUNK, KEY_PASSES, READY, VALUE_PASSES, Z, _can
 ROWS_PER_LAUNCH = 32768
 
 # The interpreter costs per program x loop iteration: big tiles. It runs the first config of a
-# kernel's list (kernels/_common.py), which is this one for the three kernels and is never launched
+# kernel's list (mcncl_fast/kernels/_common.py), which is this one for the three kernels and is never launched
 # on a GPU.
 INTERPRETER_CONFIG = triton.Config({"BM": 128, "BN": 128}, num_warps=4, num_stages=1)
 # (BM, BN): 128 rows on 8 warps, i.e. two warpgroups of 64 rows: a row never spans two warpgroups,

@@ -1,4 +1,4 @@
-"""Selection helpers of the SupCon forward kernel (kernels/supcon.py): keys, bins, brackets.
+"""Selection helpers of the SupCon forward kernel (mcncl_fast/kernels/supcon.py): keys, bins, brackets.
 
 Values are ordered by their uint32 key (order-preserving; -0.0 keyed as +0.0). A bracket is a key
 range [lo, hi]; `_canonical` keeps its ends off the one key no value has (0x7FFFFFFF), so that
