@@ -6,7 +6,8 @@ its tile loops (h100_estimate.tile_loops) are mapped to sweeps over the N column
   * a kernel named *final*: once per column tile per final pass; a loop nested in the tile loop runs once
     per candidate trip (the tile's largest count of window values in one row, from the model);
   * any other (counting) kernel: its tile loops in program order are pass 1, the value-binned counting
-    passes (up to VALUE_PASSES - 1), the key-binned ones; one loop only: every counting sweep.
+    passes (up to VALUE_PASSES - 1), the key-binned ones; one loop only: the sweeps its name says
+    (pass1/first, value, key), else every counting sweep. Other shapes get no estimate ("no pass mapping").
 Sweeps per program come from the checkout's own benchmarks/supcon_selection_model.py on its
 "random" embeddings (programs sampled at random; low bound: their mean, high bound: their maximum).
 Backward (CUDA, csrc/supcon_mma.cu for 16-bit, csrc/supcon_simt.cu for float32): nvcc -cubin for sm_90;
@@ -228,10 +229,14 @@ def selection_sweeps(root: Path, n: int, bm: int = 128, bn: int = 32, programs=N
     for rows in model.program_rows(n, bm, programs, seed):
         s, neg, pos = model.similarities(z, labels, rows)
         total = model.program_passes(s, neg, pos, k[rows], nneg[rows], DELTA, bn)
-        c, window = counting_and_window(model, s, neg, pos, k[rows], nneg[rows])
+        try:
+            c, window = counting_and_window(model, s, neg, pos, k[rows], nneg[rows])
+            trips.append(trips_per_tile(window, bn))
+        except (AttributeError, TypeError, ValueError):   # a model whose steps differ: one final pass, trips unknown
+            c = total - 1
+            trips.append(float("nan"))
         counting.append(c)
         final.append(total - c)
-        trips.append(trips_per_tile(window, bn))
     return Sweeps(counting, final, float(np.mean(trips)), model.sample_chunks(n), model.VALUE_PASSES)
 
 
@@ -249,11 +254,17 @@ def kernel_loops(kernel: Kernel, n: int, sweeps: Sweeps, worst: bool) -> list:
     if role == "backward":
         return [(loop.per_tile(trips=kernel.nested_trips), tiles) for loop in loops]
     if role == "final":
+        if loops[0].nested and math.isnan(sweeps.trips):
+            return None
         return [(loops[0].per_tile(kernel.k_steps, sweeps.trips), tiles * pick(sweeps.final))]
     value_max = sweeps.value_passes - 1
     counting = np.array(sweeps.counting)
-    further = [pick(np.minimum(np.maximum(counting - 1, 0), value_max)), pick(np.maximum(counting - 1 - value_max, 0))]
-    per_loop = {1: [pick(counting)], 2: [1, pick(counting - 1)], 3: [1, *further]}.get(len(loops))
+    value = pick(np.minimum(np.maximum(counting - 1, 0), value_max))
+    key = pick(np.maximum(counting - 1 - value_max, 0))
+    per_loop = {1: [pick(counting)], 2: [1, pick(counting - 1)], 3: [1, value, key]}.get(len(loops))
+    if len(loops) == 1:              # a kernel per kind of counting pass: its name says which
+        per_loop = next(([s] for words, s in ((("pass1", "first"), 1), (("value",), value), (("key",), key))
+                         if any(w in kernel.name for w in words)), per_loop)
     if per_loop is None:
         return None
     return [(loop.per_tile(kernel.k_steps), tiles * s) for loop, s in zip(loops, per_loop)]

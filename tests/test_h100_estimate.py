@@ -151,6 +151,11 @@ def test_passes_scale_the_counting_and_final_kernels():
     f2, f4 = hs.kernel_estimate(final, n, two), hs.kernel_estimate(final, n, four)
     assert f4.low_s == pytest.approx(2 * f2.low_s)
     assert hs.kernel_estimate(fake_kernel("supcon_other", [loop] * 4), n, two) is None
+    # one kernel per kind of counting pass: 3 counting sweeps = pass 1 + a value pass + a key pass
+    five = hs.Sweeps([4, 4], [1, 1], 1.0, 8, 2)      # pass 1, a value pass, 2 key passes
+    for name, sweeps in (("supcon_pass1", 1), ("supcon_value", 1), ("supcon_key", 2), ("supcon_count", 4)):
+        [(_, tiles)] = hs.kernel_loops(fake_kernel(name, [loop]), n, five, False)
+        assert tiles == 1024 * sweeps, name
 
 
 def test_report_estimates_the_current_kernels():
