@@ -1,7 +1,8 @@
 """The SupCon op on an H100 SXM, estimated from any checkout's compiled code (benchmarks/h100_estimate.py).
 
-Forward (Triton, sm_90): each kernel of the launcher, compiled as static_report.py compiles a launch;
-its tile loops (h100_estimate.tile_loops) are mapped to sweeps over the N columns:
+Forward (Triton, sm_90): each kernel the launcher launches at N (recorded at min(N, 32768), the launcher's
+row chunk; CTAs scaled by N / 32768 above), compiled as static_report.py compiles a launch; its tile
+loops (h100_estimate.tile_loops) are mapped to sweeps over the N columns:
   * a kernel named *sample*: its tile loop once per sample chunk (supcon_selection_model.sample_chunks);
   * a kernel named *final*: once per column tile per final pass; a loop nested in the tile loop runs once
     per candidate trip (the tile's largest count of window values in one row, from the model);
@@ -73,37 +74,70 @@ class Kernel:
     k_steps: int
     loops: list = field(default_factory=list)        # [h100_estimate.TileLoop]
     nested_trips: float = 1.0                        # runs of the loops nested in a backward tile loop
+    grid: int = 0                                    # CTAs the launcher launched at launch_n (0: unknown)
+    launch_n: int = 0
+    straight: bool = False       # no tile loop left (a loop of one trip, specialised away): the body runs once
+
+    def programs(self, n: int, m: int = M) -> int:
+        """CTAs at N: the recorded launches' (scaled by N / launch_n above it), else one per BM rows."""
+        if self.grid:
+            return self.grid if n <= self.launch_n else math.ceil(self.grid * n / self.launch_n)
+        return math.ceil(n / self.bm) * m
 
     def role(self) -> str:
         return next((r for r in ("sample", "final", "backward") if r in self.name), "count")
 
 
-def forward_kernels(root: Path, dtype: str, capability: int = 90, log=print) -> list:
-    """The forward's Triton kernels of a checkout, compiled for sm_90 as the launcher launches them."""
+RECORD_MAX_N = 32768       # launches recorded at N up to this; above, its launch (the launcher's row chunk)
+_COMPILED = {}
+
+
+def forward_kernels(root: Path, dtype: str, n: int = 32768, capability: int = 90, log=print) -> list:
+    """The forward's Triton kernels of a checkout that its launcher launches at N (min(N, RECORD_MAX_N)),
+    compiled for sm_90 as launched; one per kernel (its first variant), grid = its CTAs over all launches."""
     import torch
     from triton.backends.compiler import GPUTarget
 
     import static_report as sr
     pkg = sa.load_kernels(root)
     target = GPUTarget("cuda", capability, 32)
-    out = []
-    for _, fn, values in sr.supcon_launches(pkg, getattr(torch, dtype)):
+    n = min(n, RECORD_MAX_N)
+    grids, chosen = {}, {}
+    for _, fn, values in sr.supcon_launches(pkg, getattr(torch, dtype), n):
         with sa.record_launches(pkg) as launches:
             sa.call_by_name(fn, values)
         for variant in (v for rec in launches for v in sa.expand(rec, target)):
             name = sr.short(variant.jit.__name__)
-            log(f"estimate: sm_{capability} {name} {dtype} {variant.label}")
-            compiled = sa.compile_variant(variant, target)
-            usage = sa.ptxas_usage(compiled, capability)
-            [instrs] = sa.split_functions(sa.cuobjdump(compiled.asm["cubin"], "-sass")).values()
-            cx = {variant.jit.arg_names[key[0]]: value for key, value in variant.constexprs.items()}
-            warps = compiled.metadata.num_warps
-            ctas, limit = sa.occupancy(sa.ARCHS[capability], usage["regs"], 32 * warps, compiled.metadata.shared)
-            k_steps = 1 if cx.get("ONE_K", True) else math.ceil(D / cx.get("BK", D))
-            out.append(Kernel(name, dtype, variant.label, usage["regs"], compiled.metadata.shared, warps, ctas, limit,
-                              cx.get("BM", 1), cx.get("BN", 1), k_steps,
-                              he.tile_loops(instrs, k_steps > 1, sa.find_loops)))
+            chosen.setdefault(name, variant)
+            if variant.label == chosen[name].label:
+                grids[name] = grids.get(name, 0) + variant.grid
+    out = []
+    for name, variant in chosen.items():
+        key = (str(root), dtype, name, variant.label, repr(sorted(variant.constexprs.items())),
+               repr(sorted(variant.attrs.items())), repr(sorted(variant.signature.items())))
+        if key not in _COMPILED:
+            _COMPILED[key] = _compile(variant, name, dtype, target, capability, log)
+        kernel = _COMPILED[key]
+        out.append(Kernel(**{**kernel.__dict__, "grid": grids[name], "launch_n": n}))
     return out
+
+
+def _compile(variant, name: str, dtype: str, target, capability: int, log) -> Kernel:
+    log(f"estimate: sm_{capability} {name} {dtype} {variant.label}")
+    compiled = sa.compile_variant(variant, target)
+    usage = sa.ptxas_usage(compiled, capability)
+    [instrs] = sa.split_functions(sa.cuobjdump(compiled.asm["cubin"], "-sass")).values()
+    cx = {variant.jit.arg_names[key[0]]: value for key, value in variant.constexprs.items()}
+    warps = compiled.metadata.num_warps
+    ctas, limit = sa.occupancy(sa.ARCHS[capability], usage["regs"], 32 * warps, compiled.metadata.shared)
+    k_steps = 1 if cx.get("ONE_K", True) else math.ceil(D / cx.get("BK", D))
+    loops = he.tile_loops(instrs, k_steps > 1, sa.find_loops)
+    straight = not loops and any(he.dot_macs(ins) for _, ins in instrs)
+    if straight:              # e.g. the sample kernel at one chunk (n_chunks == 1 becomes a constexpr)
+        k_loop = he.tile_loops(instrs, False, sa.find_loops) if k_steps > 1 else []     # a K loop may remain
+        loops = [he.TileLoop([ins for _, ins in instrs], k_loop[0].body if k_loop else [], [])]
+    return Kernel(name, dtype, variant.label, usage["regs"], compiled.metadata.shared, warps, ctas, limit,
+                  cx.get("BM", 1), cx.get("BN", 1), k_steps, loops, straight=straight)
 
 
 BACKWARD = {"bfloat16": ("supcon_mma", "supcon_backward_bf16_cpasync"),
@@ -248,6 +282,8 @@ def kernel_loops(kernel: Kernel, n: int, sweeps: Sweeps, worst: bool) -> list:
     loops, role = kernel.loops, kernel.role()
     if not loops:
         return None
+    if kernel.straight:
+        return [(loops[0].per_tile(kernel.k_steps), 1)]
     if role == "sample":
         return [(loops[0].per_tile(kernel.k_steps), sweeps.chunks)] + \
                [(loop.per_tile(kernel.k_steps), 0) for loop in loops[1:]]
@@ -272,7 +308,7 @@ def kernel_loops(kernel: Kernel, n: int, sweeps: Sweeps, worst: bool) -> list:
 
 def kernel_estimate(kernel: Kernel, n: int, sweeps: Sweeps, m: int = M):
     """(low-bound Estimate, high-bound Estimate) of one kernel at N, or None."""
-    programs = math.ceil(n / kernel.bm) * m
+    programs = kernel.programs(n, m)
     mean_loops, worst_loops = kernel_loops(kernel, n, sweeps, False), kernel_loops(kernel, n, sweeps, True)
     if mean_loops is None:
         return None
@@ -307,6 +343,7 @@ def kernel_table(kernels) -> list:
             overlap = ", ".join(w for w, on in (("wgmma waited per tile", c.sync_wgmma), ("cp.async/TMA", c.async_copy),
                                                 ("LDG exposed", c.global_loads and not c.async_copy)) if on)
             nested = f" + {len(loop.nested)} nested x {k.nested_trips:.3g}" if loop.nested else ""
+            nested += ", no loop: once" if k.straight else ""
             rows.append(f"| `{k.name}` | {k.dtype} | {k.config} | {k.regs} | {k.smem} | {k.ctas} ({k.limit}) | "
                         f"{i + 1} ({len(loop.body)} SASS{nested}{', K x' + str(k.k_steps) if k.k_steps > 1 else ''}) | "
                         f"{c.total:.0f} / {n} / {c.barriers:.0f} | {cyc[pipe]:.0f} ({pipe}) / "
@@ -316,8 +353,8 @@ def kernel_table(kernels) -> list:
 
 def report(root: Path, dtypes=("bfloat16", "float32"), sizes=SIZES, log=print) -> str:
     """Markdown: the compiled kernels' per-tile pipe counts, then per N the estimated times (labelled)."""
-    kernels = {dt: forward_kernels(root, dt, log=log) + [k for k in [backward_kernel(root, dt, log=log)] if k]
-               for dt in dtypes}
+    backward = {dt: [k for k in [backward_kernel(root, dt, log=log)] if k] for dt in dtypes}
+    launched = {(n, dt): forward_kernels(root, dt, n, log=log) + backward[dt] for n in sizes for dt in dtypes}
     sweeps = {}
     for n in sizes:
         log(f"estimate: selection model, N = {n}")
@@ -329,12 +366,13 @@ def report(root: Path, dtypes=("bfloat16", "float32"), sizes=SIZES, log=print) -
     for n in sizes:
         sw = sweeps[n]
         passes = [c + f for c, f in zip(sw.counting, sw.final)]
-        for dt, ks in kernels.items():
+        for dt in dtypes:
+            ks = launched[n, dt]
             fwd, bwd = [0.0, 0.0], [0.0, 0.0]
             for k in ks:
                 est = kernel_estimate(k, n, sw)
                 role = k.role()
-                programs = math.ceil(n / k.bm) * M
+                programs = k.programs(n)
                 swept = {"sample": f"{sw.chunks} chunks", "final": f"{np.mean(sw.final):.2f}, {max(sw.final)}",
                          "backward": "1", "count": f"{np.mean(sw.counting):.2f}, {max(sw.counting)}"}[role]
                 cell = "no pass mapping" if est is None else span(est.low_s, est.high_s)
@@ -353,5 +391,8 @@ def report(root: Path, dtypes=("bfloat16", "float32"), sizes=SIZES, log=print) -
                            f"{span(*bwd) if bwd[1] else '-'} | {span(fwd[0] + bwd[0], fwd[1] + bwd[1])} | "
                            f"{(seconds(goal) + met) if goal and dt == 'bfloat16' else '-'} | "
                            f"{span(*eager) if eager else 'does not fit: N x N fp32 buffers > 80 GB'} |")
-    tables = (summary, out, kernel_table([k for ks in kernels.values() for k in ks]))
+    distinct = {(k.name, k.dtype, k.config, k.regs): k for ks in launched.values() for k in ks}
+    roles = ("sample", "count", "final", "backward")
+    ordered = sorted(distinct.values(), key=lambda k: (dtypes.index(k.dtype), roles.index(k.role())))
+    tables = (summary, out, kernel_table(ordered))
     return "\n\n".join("\n".join(t) for t in tables) + "\n"

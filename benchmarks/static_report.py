@@ -72,8 +72,8 @@ def launcher(module, name: str, old_name: str):
     return getattr(module, name, None) or getattr(module, old_name)
 
 
-def supcon_launches(pkg, dtype):
-    m, n, d = SUPCON["M"], SUPCON["N"], SUPCON["D"]
+def supcon_launches(pkg, dtype, n=None):
+    m, n, d = SUPCON["M"], n or SUPCON["N"], SUPCON["D"]
     gen = torch.Generator().manual_seed(0)
     labels = torch.randint(0, SUPCON["classes"], (n,), generator=gen, dtype=torch.int32)
     sizes = torch.bincount(labels)[labels.long()]
