@@ -129,14 +129,6 @@ class PipeCounts:
     def total(self) -> float:
         return sum(self.classes.values())
 
-    def __add__(self, other: "PipeCounts") -> "PipeCounts":
-        return self.scaled(1.0).plus(other, 1.0)
-
-    def scaled(self, factor: float) -> "PipeCounts":
-        return PipeCounts(Counter({k: v * factor for k, v in self.classes.items()}), self.tensor * factor,
-                          self.lsu * factor, self.barriers * factor, self.sync_wgmma, self.async_copy,
-                          self.global_loads)
-
     def plus(self, other: "PipeCounts", factor: float) -> "PipeCounts":
         classes = Counter(self.classes)
         for k, v in other.classes.items():
@@ -233,7 +225,7 @@ class TileLoop:
         return out
 
 
-def _dot_predicate(instrs):
+def dot_predicate(instrs):
     """Is an instruction part of the similarity product: an MMA, or (no MMA in the kernel: an FMA dot) FFMA."""
     if any(_TENSOR.match(opcode(ins)) for _, ins in instrs):
         return lambda ins: bool(_TENSOR.match(opcode(ins)))
@@ -242,9 +234,9 @@ def _dot_predicate(instrs):
 
 def tile_loops(instrs, k_loop: bool, find_loops) -> list:
     """The tile loops of a function ([(address, text)]), in program order. A dot loop is an innermost
-    loop holding a dot instruction (_dot_predicate; an FMA dot: >= 64 FFMA); with k_loop, the dot loop is
+    loop holding a dot instruction (dot_predicate; an FMA dot: >= 64 FFMA); with k_loop, the dot loop is
     the K loop and its parent the tile loop. `find_loops` = static_analysis.find_loops (the loop nest)."""
-    is_dot = _dot_predicate(instrs)
+    is_dot = dot_predicate(instrs)
     min_dot = 1 if any(_TENSOR.match(opcode(ins)) for _, ins in instrs) else 64
 
     def text(start, end):

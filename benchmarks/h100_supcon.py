@@ -185,7 +185,7 @@ def backward_kernel(root: Path, dtype: str, capability: int = 90, log=print):
 
 def column_loop(instrs):
     """The outermost loop holding the dot (a CUDA kernel's loop over column tiles), nested loops apart."""
-    is_dot = he._dot_predicate(instrs)
+    is_dot = he.dot_predicate(instrs)
 
     def text(start, end):
         return [i for a, i in instrs if start <= a <= end]
