@@ -250,28 +250,34 @@ def trips_per_tile(window: np.ndarray, bn: int) -> float:
 class Sweeps:
     counting: list        # per sampled program: counting sweeps (pass 1 included)
     final: list           # per sampled program: final sweeps
-    trips: float          # candidate trips per final-pass tile (mean)
+    trips: dict           # column tile BN -> candidate trips per final-pass tile (mean; nan: unknown)
     chunks: int           # sample chunks per program
     value_passes: int     # the model's VALUE_PASSES: counting passes 1 .. VALUE_PASSES bin by value
 
 
-def selection_sweeps(root: Path, n: int, bm: int = 128, bn: int = 32, programs=None, seed: int = 0) -> Sweeps:
+def selection_sweeps(root: Path, n: int, bm: int = 128, bns=(32,), programs=None, seed: int = 0) -> Sweeps:
+    """Sweeps of `programs` random programs of bm rows; the model's candidate tile is bns[0], trips per
+    tile are counted for every column tile in bns (the final kernels of several dtypes)."""
     model = load_model(root)
+    bn = bns[0]
     z, labels = model.embeddings(n, kind="random", seed=seed)
     k, nneg = model.hard_counts(labels, 0.3)
-    counting, final, trips = [], [], []
+    counting, final, trips = [], [], {b: [] for b in bns}
     for rows in model.program_rows(n, bm, programs, seed):
         s, neg, pos = model.similarities(z, labels, rows)
         total = model.program_passes(s, neg, pos, k[rows], nneg[rows], DELTA, bn)
         try:
             c, window = counting_and_window(model, s, neg, pos, k[rows], nneg[rows])
-            trips.append(trips_per_tile(window, bn))
+            for b in bns:
+                trips[b].append(trips_per_tile(window, b))
         except (AttributeError, TypeError, ValueError):   # a model whose steps differ: one final pass, trips unknown
             c = total - 1
-            trips.append(float("nan"))
+            for b in bns:
+                trips[b].append(float("nan"))
         counting.append(c)
         final.append(total - c)
-    return Sweeps(counting, final, float(np.mean(trips)), model.sample_chunks(n), model.VALUE_PASSES)
+    return Sweeps(counting, final, {b: float(np.mean(t)) for b, t in trips.items()}, model.sample_chunks(n),
+                  model.VALUE_PASSES)
 
 
 # ------------------------------------------------------------------ kernel x N -> seconds
@@ -290,9 +296,10 @@ def kernel_loops(kernel: Kernel, n: int, sweeps: Sweeps, worst: bool) -> list:
     if role == "backward":
         return [(loop.per_tile(trips=kernel.nested_trips), tiles) for loop in loops]
     if role == "final":
-        if loops[0].nested and math.isnan(sweeps.trips):
+        trips = sweeps.trips.get(kernel.bn, float("nan"))
+        if loops[0].nested and math.isnan(trips):
             return None
-        return [(loops[0].per_tile(kernel.k_steps, sweeps.trips), tiles * pick(sweeps.final))]
+        return [(loops[0].per_tile(kernel.k_steps, trips), tiles * pick(sweeps.final))]
     value_max = sweeps.value_passes - 1
     counting = np.array(sweeps.counting)
     value = pick(np.minimum(np.maximum(counting - 1, 0), value_max))
@@ -357,8 +364,10 @@ def report(root: Path, dtypes=("bfloat16", "float32"), sizes=SIZES, log=print) -
     launched = {(n, dt): forward_kernels(root, dt, n, log=log) + backward[dt] for n in sizes for dt in dtypes}
     sweeps = {}
     for n in sizes:
-        log(f"estimate: selection model, N = {n}")
-        sweeps[n] = selection_sweeps(root, n, programs=PROGRAMS.get(n, 2))
+        finals = [k for dt in dtypes for k in launched[n, dt] if k.role() == "final"] or [None]
+        bm, bns = (finals[0].bm, sorted({k.bn for k in finals}, reverse=True)) if finals[0] else (128, [32])
+        log(f"estimate: selection model, N = {n}, programs of {bm} rows, column tiles {bns}")
+        sweeps[n] = selection_sweeps(root, n, bm, tuple(bns), programs=PROGRAMS.get(n, 2))
     out = ["| N | dtype | kernel | sweeps per program (mean, max) | CTAs | CTAs/SM | estimate (low–high) | "
            "tensor floor | low bound by |", "|" + "---|" * 9]
     summary = ["| N | dtype | passes (mean, max) | trips/tile | forward | backward | fwd + bwd | goal (fwd + bwd) "
@@ -387,7 +396,9 @@ def report(root: Path, dtypes=("bfloat16", "float32"), sizes=SIZES, log=print) -
             met = "" if goal is None or dt != "bfloat16" else (
                 " (met)" if fwd[1] + bwd[1] <= goal else
                 " (met at the low bound only)" if fwd[0] + bwd[0] <= goal else " (**not met**)")
-            summary.append(f"| {n} | {dt} | {np.mean(passes):.2f}, {max(passes)} | {sw.trips:.2f} | {span(*fwd)} | "
+            final_bn = next((k.bn for k in ks if k.role() == "final"), None)
+            trips = f"{sw.trips[final_bn]:.2f} (BN {final_bn})" if final_bn in sw.trips else "-"
+            summary.append(f"| {n} | {dt} | {np.mean(passes):.2f}, {max(passes)} | {trips} | {span(*fwd)} | "
                            f"{span(*bwd) if bwd[1] else '-'} | {span(fwd[0] + bwd[0], fwd[1] + bwd[1])} | "
                            f"{(seconds(goal) + met) if goal and dt == 'bfloat16' else '-'} | "
                            f"{span(*eager) if eager else 'does not fit: N x N fp32 buffers > 80 GB'} |")

@@ -141,8 +141,8 @@ def test_passes_scale_the_counting_and_final_kernels():
     loop = he.TileLoop(SNIPPET, [], [])
     count = fake_kernel("supcon_count", [loop, loop, loop])
     final = fake_kernel("supcon_final", [loop])
-    two = hs.Sweeps([1, 1], [1, 1], 1.0, 8, 2)       # 2 passes: pass 1 + the final pass
-    four = hs.Sweeps([3, 3], [2, 2], 1.0, 8, 2)      # pass 1, a value pass, a key pass; 2 final passes
+    two = hs.Sweeps([1, 1], [1, 1], {32: 1.0}, 8, 2)       # 2 passes: pass 1 + the final pass
+    four = hs.Sweeps([3, 3], [2, 2], {32: 1.0}, 8, 2)      # pass 1, a value pass, a key pass; 2 final passes
     n = 32768
     assert [t for _, t in hs.kernel_loops(count, n, two, False)] == [1024, 0, 0]
     assert [t for _, t in hs.kernel_loops(count, n, four, False)] == [1024, 1024, 1024]
@@ -152,7 +152,7 @@ def test_passes_scale_the_counting_and_final_kernels():
     assert f4.low_s == pytest.approx(2 * f2.low_s)
     assert hs.kernel_estimate(fake_kernel("supcon_other", [loop] * 4), n, two) is None
     # one kernel per kind of counting pass: 3 counting sweeps = pass 1 + a value pass + a key pass
-    five = hs.Sweeps([4, 4], [1, 1], 1.0, 8, 2)      # pass 1, a value pass, 2 key passes
+    five = hs.Sweeps([4, 4], [1, 1], {32: 1.0}, 8, 2)      # pass 1, a value pass, 2 key passes
     for name, sweeps in (("supcon_pass1", 1), ("supcon_value", 1), ("supcon_key", 2), ("supcon_count", 4)):
         [(_, tiles)] = hs.kernel_loops(fake_kernel(name, [loop]), n, five, False)
         assert tiles == 1024 * sweeps, name
@@ -172,4 +172,4 @@ def test_report_estimates_the_current_kernels():
     assert row, text[-3000:]
     low, high = float(row.group(2)), float(row.group(3))
     assert int(row.group(1)) >= 1 and math.isfinite(high) and 0 < low <= high
-    assert re.search(r"\| 384 \| bfloat16 \| 2\.00, 2 \| [\d.]+ \| [\d.]+–[\d.]+ µs \|", text)
+    assert re.search(r"\| 384 \| bfloat16 \| 2\.00, 2 \| [\d.]+ \(BN 32\) \| [\d.]+–[\d.]+ µs \|", text)
