@@ -1,7 +1,8 @@
 """Static performance report of the GPU kernels, from what the compilers produce (no GPU needed).
 
     python benchmarks/static_report.py [--root CHECKOUT] [--arch 90,80] [--kernels supcon,attention,psa,cuda]
-                                       [--selection-passes] [--output FILE [--section NAME]] [--json FILE]
+                                       [--selection-passes] [--estimate [--estimate-sizes 384,32768]]
+                                       [--output FILE [--section NAME]] [--json FILE]
 
 Triton kernels. The real launchers (mcncl_fast/kernels/*.py: supcon_fwd, attention_fwd/bwd, psa_fwd/bwd,
 psa_pool_fwd/bwd; *_forward / *_backward in older checkouts) run on CPU tensors of the benchmark
@@ -29,6 +30,9 @@ CUDA kernels (every csrc/*.cu defining a __global__ function, one nvcc run each)
 -std=c++17 -Xptxas=-v -gencode=arch=compute_90,code=sm_90, same columns; the block size comes from
 __launch_bounds__ (EIATTR_MAX_THREADS in cuobjdump -elf), the grid is not known statically.
 --selection-passes: the SupCon forward's histogram-selection pass count (benchmarks/supcon_passes.py).
+--estimate: the SupCon op's time on an H100 SXM estimated from the sm_90 SASS (benchmarks/h100_estimate.py,
+benchmarks/h100_supcon.py): per kernel and N, M = 3, D = 128, bfloat16 and float32, with the eager
+reference's traffic estimate; `--kernels ""` gives that section alone.
 """
 from __future__ import annotations
 
@@ -68,8 +72,8 @@ def launcher(module, name: str, old_name: str):
     return getattr(module, name, None) or getattr(module, old_name)
 
 
-def supcon_launches(pkg, dtype):
-    m, n, d = SUPCON["M"], SUPCON["N"], SUPCON["D"]
+def supcon_launches(pkg, dtype, n=None):
+    m, n, d = SUPCON["M"], n or SUPCON["N"], SUPCON["D"]
     gen = torch.Generator().manual_seed(0)
     labels = torch.randint(0, SUPCON["classes"], (n,), generator=gen, dtype=torch.int32)
     sizes = torch.bincount(labels)[labels.long()]
@@ -177,6 +181,17 @@ LEGEND = ("grid: CTAs of the launch. CTAs/SM: resident CTAs per SM and what limi
           "S shared memory, C the 32-CTA cap). MMA: most frequent tensor-core instructions (HGMMA = wgmma, "
           "HMMA.16816 = mma.sync). Widest global load: (its count / all global loads). Loop bodies: SASS "
           "instructions per iteration of each loop (back edge to branch), program order, nested loops in brackets.")
+ESTIMATE_LEGEND = (
+    "Estimate, M = 3, D = 128, random embeddings, 7 classes, hard_ratio 0.3: per-pipe issue model of each kernel's "
+    "tile loop (benchmarks/h100_estimate.py: 132 SMs x 4 schedulers at 1.755 GHz; fp32 1, integer/compare/select/"
+    "conversion 2, MUFU 8, shared/L1 4 per 32 bits, wgmma 1024 FLOP per scheduler-cycle). Low: the busiest pipe "
+    "for every tile, work spread evenly over the SMs. High: whole waves of CTAs, each tile the larger of the "
+    "resident CTAs' pipe time and one CTA's latency chain (a waited wgmma batch, 24 cycles per barrier, 400 per "
+    "L2 load not staged by cp.async/TMA). Sweeps over the N columns per program: the checkout's "
+    "benchmarks/supcon_selection_model.py (programs sampled; low: mean, high: max); trips/tile: candidate "
+    "trips of the final pass's nested loop. Backward: csrc/ CUDA kernels (nvcc). Eager: bytes per N x N element "
+    "of the reference's ops (benchmarks/h100_supcon.py:EAGER_BYTES) at 3.35 TB/s (low) and 60% of it (high). "
+    "Goals: forward + backward, bfloat16.")
 COLUMNS = ["kernel", "launch", "dtype", "config", "grid", "regs", "spill st/ld (B)", "smem (B)", "CTAs/SM",
            "MMA", "widest global load", "loop bodies (SASS instrs)"]
 
@@ -256,6 +271,10 @@ def main(argv=None):
     parser.add_argument("--dtypes", default="", help="restrict the Triton dtypes (e.g. float32)")
     parser.add_argument("--selection-passes", action="store_true",
                         help="add the SupCon forward's selection pass counts (benchmarks/supcon_passes.py)")
+    parser.add_argument("--estimate", action="store_true",
+                        help="add the SupCon H100 time estimate (benchmarks/h100_supcon.py)")
+    parser.add_argument("--estimate-sizes", default="384,32768,262144,1048576",
+                        help="N of the estimate, comma-separated")
     parser.add_argument("--programs", type=int, default=32, help="programs sampled per N in the pass simulation")
     parser.add_argument("--output", type=Path, help="write the markdown here (default: stdout only)")
     parser.add_argument("--section", help="replace only the <!-- SECTION:begin/end --> block of --output")
@@ -268,7 +287,7 @@ def main(argv=None):
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     only = [o for o in args.only.split(",") if o]
     start, pkg, sections, all_rows = time.time(), None, [], {}
-    for capability in map(int, args.arch.split(",")):
+    for capability in map(int, args.arch.split(",") if groups else ()):
         rows = []
         for group in groups:
             if group == "cuda":
@@ -290,7 +309,13 @@ def main(argv=None):
                      "denominator); simulation: benchmarks/supcon_passes.py, 7 random classes, hard_ratio 0.3, "
                      "D = 128; clustered = class mean + N(0, I/D) noise.", "",
                      supcon_passes.report(root, programs=args.programs, log=log), ""]
-    text = render(root, list(all_rows), sections, time.time() - start)
+    if args.estimate:
+        import h100_supcon
+        dtypes = [d for d in DTYPES["supcon"] if not args.dtypes or d in args.dtypes.split(",")]
+        sizes = [int(n) for n in args.estimate_sizes.split(",") if n]
+        sections += ["### SupCon on an H100 SXM: estimate from the sm_90 SASS (not a measurement)", "",
+                     ESTIMATE_LEGEND, "", h100_supcon.report(root, dtypes, sizes, log=log), ""]
+    text = render(root, list(all_rows) or [90], sections, time.time() - start)
     print(text)
     if args.json:
         args.json.write_text(json.dumps({str(k): v for k, v in all_rows.items()}, indent=1, default=str))
