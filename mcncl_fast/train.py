@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import time
 import uuid
+from time import monotonic
 from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Iterable, Optional
@@ -34,6 +35,7 @@ from .model import ModelConfig
 from .runtime import (LR_SCHEDULES, PRECISIONS, TrainConfig, autocast, batch_to_device,
                       build_model, collate_fn, model_config_for, resolve_device)
 from .resume import check_same_data, data_summary, resumed_config
+from .prefetch import DevicePrefetcher
 from .run_dir import RunDirectory
 from .step import CudaGraphStep, StepLog, TrainStep, load_optimizer_state, make_optimizer
 
@@ -41,7 +43,10 @@ __all__ = ["train", "evaluate", "TrainConfig", "UserError", "load_checkpoint", "
            "format_report", "LR_SCHEDULES", "PRECISIONS", "CHECKPOINT_VERSION", "evaluate_split"]
 
 
-LOG_EVERY = 50   # steps between progress-bar loss updates (each reads the running loss: one host sync)
+# The progress bar's loss is the mean since its last refresh, read from the device (one host sync) at the
+# first step, then whenever REFRESH_SECONDS have passed or REFRESH_STEPS steps, whichever comes first.
+REFRESH_SECONDS = 1.0
+REFRESH_STEPS = 10
 
 
 def loaders(cfg: TrainConfig, splits: DataSplits, epoch: int, ctx=None):
@@ -51,7 +56,9 @@ def loaders(cfg: TrainConfig, splits: DataSplits, epoch: int, ctx=None):
         sampler.set_epoch(epoch)
     else:
         sampler = RandomSampler(splits.train, generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch))
-    common = dict(batch_size=cfg.batch_size, collate_fn=collate_fn(cfg), num_workers=cfg.num_workers)
+    # pinned host memory on CUDA: the prefetcher's copy to the device is then asynchronous
+    pin = ctx is not None and ctx.device.type == "cuda"
+    common = dict(batch_size=cfg.batch_size, collate_fn=collate_fn(cfg), num_workers=cfg.num_workers, pin_memory=pin)
     return DataLoader(splits.train, sampler=sampler, **common)
 
 
@@ -191,17 +198,21 @@ def _train(cfg, state, ctx, out_dir, step_callback, epoch_callback=None):
             log(f"early stopping: no better dev weighted F1 for {cfg.patience} epochs")
             break
         model.train()
-        log_steps = StepLog(device, epoch, LOG_EVERY)      # losses stay on the device, read once per window
-        bar = tqdm(loaders(cfg, splits, epoch, ctx), desc=f"epoch {epoch + 1}/{cfg.epochs}", dynamic_ncols=True,
-                   disable=not main)
+        log_steps = StepLog(device, epoch, REFRESH_STEPS)      # losses stay on the device, read per refresh
+        # on CUDA the next batch's copy runs on a side stream during this step (mcncl_fast/prefetch.py)
+        batches = DevicePrefetcher(loaders(cfg, splits, epoch, ctx), device,
+                                   move=lambda batch: batch_to_device(batch, device, cfg.modalities))
+        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", dynamic_ncols=True, disable=not main)
+        shown_at = monotonic()
         for step, batch in enumerate(bar):
-            log_steps.add(train_step(batch_to_device(batch, device, cfg.modalities)))
+            log_steps.add(train_step(batch))
             scheduler.step()
             if step_callback is not None:
                 step_callback(epoch, step, float(log_steps.values[log_steps.filled - 1, 0]))
-            if log_steps.full or step == 0:
+            if step == 0 or log_steps.full or monotonic() - shown_at >= REFRESH_SECONDS:
                 lr_now = cfg.lr * lr_factor(scheduler.last_epoch - 1, total_steps, cfg)
                 bar.set_postfix(loss=f"{log_steps.read():.4f}", lr=f"{lr_now:.2e}")
+                shown_at = monotonic()
         losses = [log_steps.epoch_mean()] if log_steps.steps else []
         y_true, y_pred = predict_split(eval_forward, cfg, splits.dev, device, ctx, desc="dev")
         dev = metrics_report(y_true, y_pred, splits.class_names)
