@@ -209,7 +209,10 @@ def _train(cfg, state, ctx, out_dir, step_callback, epoch_callback=None):
             scheduler.step()
             if step_callback is not None:
                 step_callback(epoch, step, float(log_steps.values[log_steps.filled - 1, 0]))
-            if step == 0 or log_steps.full or monotonic() - shown_at >= REFRESH_SECONDS:
+            # under torchrun by step count only: every rank reads (and may stop on a non-finite loss) at the
+            # same steps, never one rank alone while the others wait in a collective
+            timed = not ctx.enabled and monotonic() - shown_at >= REFRESH_SECONDS
+            if step == 0 or log_steps.full or timed:
                 lr_now = cfg.lr * lr_factor(scheduler.last_epoch - 1, total_steps, cfg)
                 bar.set_postfix(loss=f"{log_steps.read():.4f}", lr=f"{lr_now:.2e}")
                 shown_at = monotonic()
