@@ -105,7 +105,8 @@ def train(cfg: TrainConfig, resume: Optional[str] = None,
     run_dir = RunDirectory(cfg.output_dir)
     try:
         if ctx.is_main:
-            run_dir.open(resuming=state is not None, overwrite=overwrite)
+            run_dir.open(resuming=state is not None, overwrite=overwrite,
+                         run_id=state.get("run_id") if state else None)
         for note in notes if ctx.is_main else ():
             tqdm.write(f"resume: {note}")
         return _train(cfg, state, ctx, Path(cfg.output_dir), step_callback, epoch_callback)
