@@ -29,6 +29,7 @@ from . import distributed
 from .checkpoints import CHECKPOINT_VERSION, load_checkpoint, save_checkpoint
 from .data import DataSplits, load_dataset
 from .data.errors import UserError
+from .finite import NonFiniteOutputError, check_weights
 from .evaluation import evaluate, evaluate_split, format_report, metrics_report, predict_split, write_report
 from .model import ModelConfig
 from .runtime import (LR_SCHEDULES, PRECISIONS, TrainConfig, autocast, batch_to_device,
@@ -204,7 +205,13 @@ def _train(cfg, state, ctx, out_dir, step_callback, epoch_callback=None):
                 lr_now = cfg.lr * lr_factor(scheduler.last_epoch - 1, total_steps, cfg)
                 bar.set_postfix(loss=f"{log_steps.read():.4f}", lr=f"{lr_now:.2e}")
         losses = [log_steps.epoch_mean()] if log_steps.steps else []
-        y_true, y_pred = predict_split(eval_forward, cfg, splits.dev, device, ctx, desc="dev")
+        # the last step's update can make the weights NaN with a finite loss: nothing is saved from them
+        check_weights(model, f"training diverged at the end of epoch {epoch + 1} (lower --lr)")
+        try:
+            y_true, y_pred = predict_split(eval_forward, cfg, splits.dev, device, ctx, desc="dev")
+        except NonFiniteOutputError as exc:     # finite weights can still overflow: the same divergence
+            raise NonFiniteOutputError(f"training diverged at the end of epoch {epoch + 1} (lower --lr): "
+                                       f"{exc}") from None
         dev = metrics_report(y_true, y_pred, splits.class_names)
         history.append({"epoch": epoch + 1, "train_loss": float(np.mean(losses)) if losses else float("nan"),
                         "dev_weighted_f1": dev["weighted_f1"], "lr": float(scheduler.get_last_lr()[0])})

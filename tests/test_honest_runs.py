@@ -1,7 +1,11 @@
 """A run never lies, second pass: no write over another run or an input, no silent NaN, no unsafe load."""
 
+import pickle
+
+import numpy as np
 import pytest
 
+from mcncl_fast.checkpoints import load_checkpoint, save_checkpoint
 from mcncl_fast.cli import main
 from tests.erc_helpers import TINY, iemocap_9
 
@@ -16,6 +20,7 @@ def _reference_backend(monkeypatch):
 
 def one_line_error(capsys, *needles):
     err = capsys.readouterr().err.strip()
+    err = err[err.rfind("error:"):] if "error:" in err else err   # after any progress bar
     assert err.startswith("error:") and "\n" not in err and "Traceback" not in err, err
     for needle in needles:
         assert needle in err, err
@@ -62,3 +67,35 @@ def test_an_output_never_replaces_an_input_or_a_checkpoint(runs, command, target
     if before is not None and target.endswith(".pt"):
         from mcncl_fast.checkpoints import load_checkpoint
         load_checkpoint(out)
+
+
+# ----------------------------------------------------------------------------- non-finite weights and logits
+def test_divergence_on_the_last_step_of_an_epoch_saves_and_reports_nothing(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--synthetic-scale", "0.02", *TINY, "--epochs", "1", "--lr", "1e30",
+                 "--batch-size", "1000", "--output-dir", str(out)]) == 2
+    one_line_error(capsys, "end of epoch 1", "not finite", "--lr")
+    assert not (out / "best.pt").exists() and not (out / "last.pt").exists() and not (out / "report.json").exists()
+
+
+def test_a_checkpoint_with_nan_weights_is_an_error_in_evaluate_and_predict(runs, tmp_path, capsys):
+    state = load_checkpoint(runs["a"] / "best.pt")
+    for value in state["model"].values():
+        if value.is_floating_point():
+            value.fill_(float("nan"))
+    save_checkpoint(tmp_path / "nan.pt", state)
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "nan.pt")]) == 2
+    one_line_error(capsys, "weights are not finite")
+    assert main(["predict", "--checkpoint", str(tmp_path / "nan.pt"), "--output", str(tmp_path / "p.csv")]) == 2
+    one_line_error(capsys, "weights are not finite")
+    assert not (tmp_path / "p.csv").exists()
+
+
+def test_extreme_test_features_are_an_error_not_class_0(runs, tmp_path, capsys):
+    items = list(pickle.loads(runs["data"].read_bytes()))
+    for vid in TEST:
+        items[3][vid] = np.full_like(items[3][vid], 1e30)
+    extreme = tmp_path / "extreme.pkl"
+    extreme.write_bytes(pickle.dumps(tuple(items), protocol=2))
+    assert main(["evaluate", "--checkpoint", str(runs["a"] / "best.pt"), "--data-path", str(extreme)]) == 2
+    one_line_error(capsys, "not finite", "features")
