@@ -101,6 +101,9 @@ def train(cfg: TrainConfig, resume: Optional[str] = None,
     if resume:
         state = load_checkpoint(resume)
         cfg, notes = resumed_config(state["train_config"], cfg, explicit, Path(resume))
+    if cfg.dataset == "synthetic" and (cfg.data_path or cfg.visual_path):   # else: trains on generated data
+        raise UserError("--data-path / --visual-path: not used by the synthetic data set; name the file's data set "
+                        "with --dataset meld|iemocap|features")
     device = resolve_device(cfg.device)
     ctx = distributed.setup(device)
     run_dir = RunDirectory(cfg.output_dir)

@@ -1,6 +1,7 @@
 """A run never lies, second pass: no write over another run or an input, no silent NaN, no unsafe load."""
 
 import pickle
+import zipfile
 
 import numpy as np
 import pytest
@@ -99,3 +100,26 @@ def test_extreme_test_features_are_an_error_not_class_0(runs, tmp_path, capsys):
     extreme.write_bytes(pickle.dumps(tuple(items), protocol=2))
     assert main(["evaluate", "--checkpoint", str(runs["a"] / "best.pt"), "--data-path", str(extreme)]) == 2
     one_line_error(capsys, "not finite", "features")
+
+
+# ----------------------------------------------------------------------------- wrong data, damaged files
+def test_a_data_file_without_dataset_is_refused_not_replaced_by_synthetic_data(runs, tmp_path, capsys):
+    for option in ("--data-path", "--visual-path"):
+        assert main(["train", "--synthetic-scale", "0.02", *TINY, option, str(runs["data"]),
+                     "--output-dir", str(tmp_path / "never")]) == 2
+        one_line_error(capsys, option, "--dataset")
+        assert not (tmp_path / "never").exists()
+
+
+def test_a_flipped_byte_inside_a_checkpoint_is_reported_as_corruption(runs, tmp_path, capsys):
+    raw = bytearray((runs["a"] / "last.pt").read_bytes())
+    with zipfile.ZipFile(runs["a"] / "last.pt") as archive:   # flip one byte inside the largest tensor's data
+        info = max((i for i in archive.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)
+    raw[start + info.file_size // 2] ^= 0x01
+    damaged = tmp_path / "last.pt"
+    damaged.write_bytes(bytes(raw))
+    assert main(["train", "--resume", str(damaged), "--epochs", "2"]) == 2
+    one_line_error(capsys, "corrupt", "CRC")
+    assert main(["evaluate", "--checkpoint", str(damaged)]) == 2
+    one_line_error(capsys, "corrupt")
