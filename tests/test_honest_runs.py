@@ -5,6 +5,7 @@ import zipfile
 
 import numpy as np
 import pytest
+import torch
 
 from mcncl_fast.checkpoints import load_checkpoint, save_checkpoint
 from mcncl_fast.cli import main
@@ -123,3 +124,32 @@ def test_a_flipped_byte_inside_a_checkpoint_is_reported_as_corruption(runs, tmp_
     one_line_error(capsys, "corrupt", "CRC")
     assert main(["evaluate", "--checkpoint", str(damaged)]) == 2
     one_line_error(capsys, "corrupt")
+
+
+# ----------------------------------------------------------------------------- unsafe files
+class _Payload:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').write('ran')",)
+
+
+def test_a_pickle_payload_is_refused_unless_trusted(runs, tmp_path, capsys):
+    marker = tmp_path / "ran"
+    items = list(pickle.loads(runs["data"].read_bytes()))
+    items[6][TRAIN[0]] = _Payload(marker)          # hidden among the sentences
+    evil = tmp_path / "evil.pkl"
+    evil.write_bytes(pickle.dumps(tuple(items), protocol=2))
+    visual = tmp_path / "visual.pt"
+    torch.save({"x": _Payload(marker)}, visual)
+    for extra in (["--data-path", str(evil)], ["--data-path", str(runs["data"]), "--visual-path", str(visual)]):
+        assert main(["train", "--dataset", "iemocap", *extra, *TINY, "--output-dir", str(tmp_path / "r")]) == 2
+        one_line_error(capsys, "refused", "--trust-pickle")
+        assert not marker.exists()
+    assert main(["evaluate", "--checkpoint", str(runs["a"] / "best.pt"), "--data-path", str(evil)]) == 2
+    one_line_error(capsys, "exec", "--trust-pickle")     # names what it would have called
+    assert not marker.exists()
+    # opted out: the payload runs (that is what trusting a file means)
+    main(["evaluate", "--checkpoint", str(runs["a"] / "best.pt"), "--data-path", str(evil), "--trust-pickle"])
+    assert marker.exists()
