@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pickle
+import zipfile
 from pathlib import Path
 
 import torch
@@ -28,6 +29,7 @@ def load_checkpoint(path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint: no such file: {path}")
+    _check_archive(path)
     try:
         # weights_only: tensors, numbers, strings, lists and dicts only. A file that needs anything more
         # could run code when unpickled; it is refused, never unpickled.
@@ -44,3 +46,17 @@ def load_checkpoint(path) -> dict:
     if state.get("version") != CHECKPOINT_VERSION:
         raise UserError(f"checkpoint: {path} has version {state.get('version')}, expected {CHECKPOINT_VERSION}")
     return state
+
+
+def _check_archive(path: Path) -> None:
+    """torch.load does not verify the zip's CRCs: a flipped byte in a tensor loads as a silently wrong weight."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except zipfile.BadZipFile:
+        return      # not a zip at all: torch.load says it is unreadable
+    except (OSError, EOFError, ValueError, RuntimeError) as exc:
+        raise UserError(f"checkpoint: {path} is corrupt ({type(exc).__name__}: {exc})") from None
+    if bad is not None:
+        raise UserError(f"checkpoint: {path} is corrupt: {bad} fails its CRC check (the file was damaged after "
+                        f"it was written); use another checkpoint (e.g. best.pt / last.pt)")

@@ -27,8 +27,8 @@ DATASET_HELP = ("synthetic: generated MELD-shaped data (no file); meld / iemocap
                 "dev is the file's own valid split or 10%% of train (fixed seed); a stream the file lacks is ONE "
                 "ALL-ZERO frame/vector of dim 1 per utterance (MELD's visual can come from --visual-path); "
                 "features: a folder of our feature store (train/dev/test.safetensors, from `python -m mcncl_fast "
-                "extract`). Pickle files (and .pt feature files) can run code when they are loaded: load only files "
-                "from a source you trust")
+                "extract`). Pickle files (and .pt feature files) are read with a restricted unpickler (arrays, lists, "
+                "dicts, strings, numbers); --trust-pickle lifts it for files you trust")
 
 # ModelConfig fields the data decides (class_weights: from the train labels, --class-weights); everything else is
 # a command-line option
@@ -125,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--visual-path", default=None, help="meld/iemocap: the visual features file (as for train)")
     add_predict_parser(sub)
     _add_extract_parser(sub)
+    for command in ("train", "evaluate", "predict"):
+        _subparser(parser, command).add_argument("--trust-pickle", action="store_true", help=TRUST_HELP)
     return parser
 
 
@@ -162,13 +164,28 @@ def _explicit_options(argv) -> set:
     for action in train_parser._actions:
         action.default = argparse.SUPPRESS
     given = vars(parser.parse_args(sys.argv[1:] if argv is None else argv))
-    names = {dest for dest in given if dest not in ("command", "resume", "overwrite", "tensorboard", "seeds")}
+    names = {dest for dest in given if dest not in ("command", "resume", "overwrite", "tensorboard", "seeds",
+                                                    "trust_pickle")}
     return {f"model:{d[len('model_'):]}" if d.startswith("model_") else d for d in names}
+
+
+TRUST_HELP = ("load data pickles and .pt feature files without restriction (they can run code): only files you "
+              "trust; by default only arrays, lists, dicts, strings and numbers are read")
 
 
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from .data.safe_pickle import trusted_pickles
+    with trusted_pickles(getattr(args, "trust_pickle", False)):
+        return _run(args, argv)
+
+
+def _subparser(parser, name):
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[name]
+
+
+def _run(args, argv) -> int:
     try:
         if args.command == "train" and args.seeds is not None:
             if args.resume:

@@ -127,6 +127,11 @@ def evaluate(checkpoint_path, split: str = "test", device: str = "auto", output:
     if output is not None and Path(output).is_dir():
         raise UserError(f"--output {output}: is a folder; give the path of the .json report to write")
     model, cfg, splits, dev = restore(checkpoint_path, device, dataset, data_path, visual_path)
+    if output:
+        from .output_guard import check_outputs
+        out = Path(output)
+        check_outputs([out, out.with_name(out.stem + "_f1_table.md"), out.with_name(out.stem + "_confusion.png")],
+                      [checkpoint_path, cfg.data_path, cfg.visual_path])
     report = evaluate_split(model, cfg, splits, split, dev)
     if report["num_utterances"] == 0:
         raise UserError(f"{cfg.data_path or cfg.dataset}: the {split} split has no labelled utterance to score "

@@ -26,6 +26,7 @@ from .data import DATASETS, collate_dialogues
 from ._files import atomic_path
 from .data.errors import UserError
 from .evaluation import restore
+from .output_guard import check_outputs
 from .runtime import forward_logits
 
 SPLITS = ("train", "dev", "test", "all")
@@ -67,6 +68,7 @@ def predict_file(checkpoint, output, data_path=None, dataset: Optional[str] = No
     if output.is_dir():
         raise UserError(f"--output: {output} is a folder; expected a .csv file path")
     model, cfg, splits, dev = restore(checkpoint, device, dataset, data_path, visual_path, batch_size)
+    check_outputs([output], [checkpoint, cfg.data_path, cfg.visual_path])
     chosen = ("train", "dev", "test") if split == "all" else (split,)
     names = list(splits.class_names)
     rows = dialogues = 0

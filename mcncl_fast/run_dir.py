@@ -40,7 +40,8 @@ class RunDirectory:
         self.lock = self.path / LOCK_NAME
         self.held = False
 
-    def open(self, resuming: bool, overwrite: bool = False) -> "RunDirectory":
+    def open(self, resuming: bool, overwrite: bool = False, run_id=None) -> "RunDirectory":
+        """run_id: the resumed run's id; a folder holding checkpoints of another run is refused."""
         where = f"--output-dir {self.path}"
         if self.path.exists() and not self.path.is_dir():
             raise UserError(f"{where}: exists and is not a folder")
@@ -58,10 +59,23 @@ class RunDirectory:
             if existing and not resuming and not overwrite:
                 raise UserError(f"{where}: already holds a run ({', '.join(existing)}); continue it with "
                                 f"--resume {self.path / 'last.pt'}, or choose another --output-dir (or --overwrite)")
+            if existing and resuming and run_id is not None and not overwrite:
+                self._refuse_other_run(where, existing, run_id)
         except BaseException:
             self.close()
             raise
         return self
+
+    def _refuse_other_run(self, where, existing, run_id):
+        from .checkpoints import load_checkpoint
+        for name in existing:
+            try:
+                other = load_checkpoint(self.path / name).get("run_id")
+            except UserError:
+                other = "unreadable"
+            if other != run_id:
+                raise UserError(f"{where}: holds another run's checkpoint ({name}); a resumed run writes only into "
+                                f"its own folder - choose another --output-dir (or --overwrite)")
 
     def _take_lock(self, where):
         for _ in range(2):

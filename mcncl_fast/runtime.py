@@ -112,10 +112,13 @@ def autocast(device, precision: str = "fp32", cache_enabled: bool = True):
 
 def forward_logits(model, batch, device, modalities: str = "tav", precision: str = "fp32"):
     """Evaluation forward: (the batch on the device, modalities left out zeroed; the model's logits)."""
+    from .finite import check_logits
     batch = batch_to_device(batch, device, modalities)
     with autocast(device, precision):
-        return batch, model(batch["text"], batch["audio"], batch["visual"], batch["utterance_mask"],
-                            batch["frame_mask"]).logits
+        logits = model(batch["text"], batch["audio"], batch["visual"], batch["utterance_mask"],
+                       batch["frame_mask"]).logits
+    check_logits(model, logits, batch["utterance_mask"])
+    return batch, logits
 
 
 def build_model(model_config: ModelConfig, device) -> Model:

@@ -30,6 +30,7 @@ from . import distributed
 from .checkpoints import CHECKPOINT_VERSION, load_checkpoint, save_checkpoint
 from .data import DataSplits, load_dataset
 from .data.errors import UserError
+from .finite import NonFiniteOutputError, check_weights
 from .evaluation import evaluate, evaluate_split, format_report, metrics_report, predict_split, write_report
 from .model import ModelConfig
 from .runtime import (LR_SCHEDULES, PRECISIONS, TrainConfig, autocast, batch_to_device,
@@ -107,12 +108,16 @@ def train(cfg: TrainConfig, resume: Optional[str] = None,
     if resume:
         state = load_checkpoint(resume)
         cfg, notes = resumed_config(state["train_config"], cfg, explicit, Path(resume))
+    if cfg.dataset == "synthetic" and (cfg.data_path or cfg.visual_path):   # else: trains on generated data
+        raise UserError("--data-path / --visual-path: not used by the synthetic data set; name the file's data set "
+                        "with --dataset meld|iemocap|features")
     device = resolve_device(cfg.device)
     ctx = distributed.setup(device)
     run_dir = RunDirectory(cfg.output_dir)
     try:
         if ctx.is_main:
-            run_dir.open(resuming=state is not None, overwrite=overwrite)
+            run_dir.open(resuming=state is not None, overwrite=overwrite,
+                         run_id=state.get("run_id") if state else None)
         for note in notes if ctx.is_main else ():
             tqdm.write(f"resume: {note}")
         return _train(cfg, state, ctx, Path(cfg.output_dir), step_callback, epoch_callback)
@@ -217,7 +222,13 @@ def _train(cfg, state, ctx, out_dir, step_callback, epoch_callback=None):
                 bar.set_postfix(loss=f"{log_steps.read():.4f}", lr=f"{lr_now:.2e}")
                 shown_at = monotonic()
         losses = [log_steps.epoch_mean()] if log_steps.steps else []
-        y_true, y_pred = predict_split(eval_forward, cfg, splits.dev, device, ctx, desc="dev")
+        # the last step's update can make the weights NaN with a finite loss: nothing is saved from them
+        check_weights(model, f"training diverged at the end of epoch {epoch + 1} (lower --lr)")
+        try:
+            y_true, y_pred = predict_split(eval_forward, cfg, splits.dev, device, ctx, desc="dev")
+        except NonFiniteOutputError as exc:     # finite weights can still overflow: the same divergence
+            raise NonFiniteOutputError(f"training diverged at the end of epoch {epoch + 1} (lower --lr): "
+                                       f"{exc}") from None
         dev = metrics_report(y_true, y_pred, splits.class_names)
         history.append({"epoch": epoch + 1, "train_loss": float(np.mean(losses)) if losses else float("nan"),
                         "dev_weighted_f1": dev["weighted_f1"], "lr": float(scheduler.get_last_lr()[0])})

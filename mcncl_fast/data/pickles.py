@@ -21,7 +21,8 @@ The layout is recognised from the tuple (layouts.py lists them with their item o
   deterministically (`splits.carve_dev`: 10% of the train dialogues, fixed seed).
 * Labels: `label_set` (label_sets.py): None (the native classes), "meld-sentiment", "iemocap-4".
 * validation.py checks what is read (labels, finiteness, dims, split ids); errors are one-line UserErrors.
-Pickles can run code when loaded: only load files from a source you trust.
+Pickles are read with a restricted unpickler (mcncl_fast/data/safe_pickle.py): arrays, lists, dicts, strings and
+numbers only; `--trust-pickle` lifts it for files from a source you trust.
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ from typing import List, Optional
 import numpy as np
 import torch
 
-from . import validation
+from . import safe_pickle, validation
 from .dialogues import DataSplits, DialogueList
 from .errors import UserError
 from .label_sets import IEMOCAP_CLASSES, MELD_CLASSES, MELD_SENTIMENT_FILE_CLASSES, NATIVE_CLASSES
@@ -53,10 +54,19 @@ def read_object(path, what: str):
         raise UserError(f"--data-path: no such file: {path} (expected {what})")
     try:
         if path.suffix in (".pt", ".pth"):
-            return torch.load(path, map_location="cpu", weights_only=False)
+            return torch.load(path, map_location="cpu", weights_only=not safe_pickle.is_trusted())
         with open(path, "rb") as f:
             # latin1: the published IEMOCAP/MELD pickles were written by Python 2 (numpy arrays inside)
-            return pickle.load(f, encoding="latin1")
+            return safe_pickle.load(f, encoding="latin1")
+    except safe_pickle.RefusedPickle as exc:
+        raise UserError(f"{path}: refused: the pickle would construct {exc}, which no feature file needs (it could "
+                        f"run code); load it only if you trust it, with --trust-pickle") from None
+    except pickle.UnpicklingError as exc:
+        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+            raise UserError(f"{path}: refused: holds Python objects beyond tensors, arrays, numbers, strings, lists "
+                            f"and dicts (it could run code); load it only if you trust it, with --trust-pickle"
+                            ) from None
+        raise UserError(f"{path}: truncated or not a readable pickle (UnpicklingError); expected {what}") from None
     except (EOFError, pickle.UnpicklingError, ValueError, TypeError, AttributeError, ImportError,
             IndexError, KeyError, RuntimeError, OSError) as exc:
         raise UserError(f"{path}: truncated or not a readable pickle ({type(exc).__name__}); expected {what}") from None
