@@ -7,6 +7,12 @@ import tempfile
 from pathlib import Path
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path):
     """Yields a temp file name in `path`'s folder (`<name>.<random>.tmp`) to write; when the block ends
@@ -22,6 +28,7 @@ def atomic_path(path):
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())    # mkstemp makes 0600; outputs follow the process umask like open()
         os.replace(tmp, path)
         tmp = None
     except OSError as exc:

@@ -1,6 +1,7 @@
 """A run never lies, second pass: no write over another run or an input, no silent NaN, no unsafe load."""
-
+import os
 import pickle
+import stat
 import zipfile
 
 import numpy as np
@@ -153,3 +154,11 @@ def test_a_pickle_payload_is_refused_unless_trusted(runs, tmp_path, capsys):
     # opted out: the payload runs (that is what trusting a file means)
     main(["evaluate", "--checkpoint", str(runs["a"] / "best.pt"), "--data-path", str(evil), "--trust-pickle"])
     assert marker.exists()
+
+
+def test_outputs_follow_the_process_umask(runs):
+    mask = os.umask(0o022)
+    os.umask(mask)
+    want = 0o666 & ~mask
+    for name in ("best.pt", "last.pt", "report.json"):
+        assert stat.S_IMODE((runs["a"] / name).stat().st_mode) == want, name
