@@ -88,6 +88,7 @@ def analyse(dtype_name: str, d: int, capability: int, n: int = 32768):
         cx = dict(constexprs, BK=bk, ONE_K=one_k, **ones)
         if name == "count":
             cx["GROUPED"] = one_k and dtype != torch.float32
+        cx.update({"count": dict(READY_=kernel.READY.value), "final": dict(CAP_=kernel.CAP.value)}.get(name, {}))
         compiled = compile_for_targets(fn, sig, cx, warps, stages, targets=(target,), divisible=divisible)[target.name]
         usage = ptxas_usage(compiled, capability)
         instrs = next(iter(split_functions(cuobjdump(compiled.asm["cubin"], "-sass")).values()))

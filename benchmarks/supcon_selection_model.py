@@ -26,8 +26,8 @@ CHUNK = 32            # sample columns per sorted chunk
 SAMPLE_DIV = 8        # the sample takes about N / SAMPLE_DIV columns ...
 MAX_CHUNKS = 256      # ... in at most this many chunks
 Z = 4.0               # bracket half-width in standard errors of the sample quantile
-CAP = 256             # candidate slots (distinct values per tile row) per row in the final pass
-READY = 200           # a row's final pass can start when its bracket holds <= READY negatives
+CAP = 1024            # candidate slots (distinct values per tile row) per row in the final pass
+READY = 960           # a row's final pass can start when its bracket holds <= READY negatives
 VALUE_PASSES = 2      # counting passes 1 .. VALUE_PASSES bin by value, later ones by key
 KEY_PASSES = 9
 KEY_NEG_INF, KEY_POS_INF = 0x007FFFFF, 0xFF800000
@@ -228,9 +228,10 @@ def narrow(counts, lo, hi, c_gt, c_in, k, active, params, value):
             np.where(active, new_gt, c_gt), np.where(active, new_in, c_in))
 
 
-def program_passes(s, neg, pos, k, nneg, delta=2.0 ** -18, bn=32):
+def program_passes(s, neg, pos, k, nneg, delta=2.0 ** -18, bn=32, ready=READY, cap=CAP):
     """Passes over the tiles of one program (the kernels' `passes`): s [R, N] float32 similarities,
-    neg / pos [R, N] bool, k / nneg [R]; bn = the kernels' column tile (candidates: per tile)."""
+    neg / pos [R, N] bool, k / nneg [R]; bn = the kernels' column tile (candidates: per tile);
+    ready / cap = the kernels' `ready` / `cap` (supcon_fwd's arguments)."""
     f32 = np.float32
     k = k.astype(np.int64)
     nneg = nneg.astype(np.int64)
@@ -246,7 +247,7 @@ def program_passes(s, neg, pos, k, nneg, delta=2.0 ** -18, bn=32):
     t = np.where(k == nneg, minneg, from_key(lo))
     known = has & ((k == nneg) | (lo == hi))
     passes = 1
-    active = has & ~known & (c_in > READY)
+    active = has & ~known & (c_in > ready)
     while active.any():
         value = passes < VALUE_PASSES
         counts, params, w = count_pass(s, key, neg, active, lo, hi, value)
@@ -254,7 +255,7 @@ def program_passes(s, neg, pos, k, nneg, delta=2.0 ** -18, bn=32):
                                     params, value)
         t = np.where(active & (lo == hi), from_key(lo), t)
         known |= active & (lo == hi)
-        active = has & ~known & (c_in > READY)
+        active = has & ~known & (c_in > ready)
         passes += 1
         if passes >= VALUE_PASSES + KEY_PASSES:
             break
@@ -275,7 +276,7 @@ def program_passes(s, neg, pos, k, nneg, delta=2.0 ** -18, bn=32):
             ws = np.where(window[:, j0:j0 + bn], s[:, j0:j0 + bn], np.nan)
             srt = np.sort(ws, axis=1)
             n_cand += (np.isfinite(srt) & ((srt != np.roll(srt, 1, axis=1)) | (np.arange(srt.shape[1]) == 0))).sum(1)
-        ok = collect & (n_cand <= CAP)
+        ok = collect & (n_cand <= cap)
         cand = -np.sort(-np.where(window, s, -np.inf), axis=1)
         t_sel = cand[rows, np.clip(k - c_gt - 1, 0, cand.shape[1] - 1)].astype(f32)
         fin0 = ~done & (mode == 0)
@@ -337,7 +338,7 @@ def similarities(z, labels, rows):
 
 
 def simulate(z, labels, hard_ratio=0.3, bm=128, bn=32, programs=None, seed=0, delta=2.0 ** -18, before=False,
-             k=None, nneg=None):
+             k=None, nneg=None, ready=READY, cap=CAP):
     """Passes over the tiles of the chosen programs -> list of ints."""
     if k is None:
         k, nneg = hard_counts(labels, hard_ratio)
@@ -345,7 +346,7 @@ def simulate(z, labels, hard_ratio=0.3, bm=128, bn=32, programs=None, seed=0, de
     for rows in program_rows(len(labels), bm, programs, seed):
         s, neg, pos = similarities(z, labels, rows)
         out.append(before_passes(s, neg, k[rows]) if before else
-                   program_passes(s, neg, pos, k[rows], nneg[rows], delta, bn))
+                   program_passes(s, neg, pos, k[rows], nneg[rows], delta, bn, ready, cap))
     return out
 
 
@@ -380,6 +381,8 @@ def main(argv=None):
     parser.add_argument("--sizes", type=int, nargs="+", default=[2048, 32768, 262144])
     parser.add_argument("--programs", type=int, default=8)
     parser.add_argument("--bm", type=int, default=128)
+    parser.add_argument("--ready", type=int, default=READY, help="the kernels' ready (200 before the finer cut)")
+    parser.add_argument("--cap", type=int, default=CAP, help="the kernels' cap (256 before)")
     parser.add_argument("--kinds", nargs="+", default=["random", "clustered"])
     parser.add_argument("--interpreter", type=int, default=0, metavar="N",
                         help="also run the kernels under the interpreter at this N (all programs)")
@@ -394,7 +397,7 @@ def main(argv=None):
     for kind in args.kinds:
         for n in args.sizes:
             z, labels = embeddings(n, kind=kind)
-            new = simulate(z, labels, bm=args.bm, bn=32, programs=args.programs)
+            new = simulate(z, labels, bm=args.bm, bn=32, programs=args.programs, ready=args.ready, cap=args.cap)
             old = simulate(z, labels, bm=args.bm, programs=args.programs, before=True)
             print(f"| {kind} | {n} | {len(new)} | {np.mean(old):.2f} ({min(old)}-{max(old)}) "
                   f"| {np.mean(new):.2f} ({min(new)}-{max(new)}) |", flush=True)

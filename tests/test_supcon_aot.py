@@ -86,6 +86,8 @@ SCRIPT = textwrap.dedent("""
                     cx = dict(constexprs, BK=bk, ONE_K=one_k, **ones)
                     if kname == "count":
                         cx["GROUPED"] = grouped
+                    sizes = {"count": dict(READY_=kernel.READY.value), "final": dict(CAP_=kernel.CAP.value)}
+                    cx.update(sizes.get(kname, {}))
                     case = (f"{name}-BM{cx['BM']}-BN{cx['BN']}-BK{bk}-{kname}-{target.name.split()[0]}-"
                             f"{'resident' if one_k else 'kloop'}-{'aligned' if d % 16 == 0 else 'unaligned'}")
                     if case in results:

@@ -78,14 +78,15 @@ def _poison_scratch(monkeypatch):
     monkeypatch.setattr(_common, "POISON", True)
 
 
-def run_kernel(z, labels, k, nneg, delta, temperature, row_start=0, row_count=None):
+def run_kernel(z, labels, k, nneg, delta, temperature, row_start=0, row_count=None, **sizes):
     from mcncl_fast.kernels.supcon import supcon_fwd
     m_count, n, _ = z.shape
     row_count = n - row_start if row_count is None else row_count
     out = tuple(poison_(torch.empty(m_count, row_count, device=DEVICE)) for _ in range(3))
     theta, logd, possum, passes = supcon_fwd(
         z.to(DEVICE), labels.to(DEVICE, torch.int32), k.to(DEVICE), nneg.to(DEVICE),
-        delta.to(DEVICE, torch.float32), temperature, row_start=row_start, row_count=row_count, out=out)
+        delta.to(DEVICE, torch.float32), temperature, row_start=row_start, row_count=row_count, out=out,
+        **sizes)
     assert theta.data_ptr() == out[0].data_ptr()
     assert passes.dtype == torch.int32 and passes.shape[0] == m_count and (passes >= 1).all(), passes
     return theta.cpu(), logd.cpu(), possum.cpu(), passes.cpu()
@@ -266,16 +267,20 @@ def test_selection_model_reproduces_the_pass_counts():
                  "KEY_PASSES"):
         assert getattr(model, name) == getattr(supcon_select, name).value, name
     config = supcon.configs_for(torch.float32, 32)[0].kwargs
-    cases = [(dyadic(1, 600, seed=16), 7, 0.3, 2.0 ** -18, 19),     # typical: 2 passes
-             (coarse(1, 500, seed=5), 4, 0.3, 2.0 ** -18, 2),          # ties
-             (dyadic(1, 520, seed=6), 5, 0.3, 0.3, 2)]                 # huge delta: candidate overflow, fallbacks
+    # (ready, cap) = the defaults, and the earlier 200 / 256: at this N only small ones reach the
+    # counting passes after pass 1, the key passes and the candidate overflow
+    small = dict(ready=200, cap=256)
+    cases = [(dyadic(1, 600, seed=16), 7, 0.3, 2.0 ** -18, 19, {}),     # typical: 2 passes
+             (dyadic(1, 600, seed=16), 7, 0.3, 2.0 ** -18, 19, small),
+             (coarse(1, 500, seed=5), 4, 0.3, 2.0 ** -18, 2, small),          # ties
+             (dyadic(1, 520, seed=6), 5, 0.3, 0.3, 2, small)]                 # huge delta: overflow, fallbacks
     seen = set()
-    for z, classes, ratio, delta, label_seed in cases:
+    for z, classes, ratio, delta, label_seed, sizes in cases:
         labels = labels_of(z.shape[1], classes, seed=label_seed, ignored=0.05)
         k, nneg = label_counts(labels, ratio)
-        got = run_kernel(z, labels, k, nneg, torch.tensor([delta]), 0.5)[3][0].tolist()
+        got = run_kernel(z, labels, k, nneg, torch.tensor([delta]), 0.5, **sizes)[3][0].tolist()
         want = model.simulate(z[0].numpy(), labels.numpy().astype(np.int32), bm=config["BM"], bn=config["BN"],
-                              k=k.numpy(), nneg=nneg.numpy(), delta=delta)
-        assert got == want, (got, want)
+                              k=k.numpy(), nneg=nneg.numpy(), delta=delta, **sizes)
+        assert got == want, (got, want, sizes)
         seen.update(got)
     assert max(seen) > 2, seen

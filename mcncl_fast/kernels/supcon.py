@@ -21,21 +21,21 @@ c_gt = count(s > hi) < k <= c_gt + c_in, c_in = count(s in [lo, hi]). Three kern
       agree whatever the rounding); if t_i is outside the sample's bracket, the part below / above
       it. Pass 1 also keeps the largest negative or positive (the exp shift), the smallest negative
       (t_i when k = nneg) and the sum of positives. Counting passes run while some row's bracket
-      holds more than READY = 200 negatives; a bracket of one value is t_i.
+      holds more than READY = 960 negatives; a bracket of one value is t_i.
   _supcon_final_kernel   the final pass: the positives and the negatives above hi add
       exp2(s log2(e) / tau - shift) to D; the distinct values in [lo - delta, hi] go, with their
       multiplicities, to a per-row candidate buffer (per tile, the largest value not yet taken, as
       often as the tile's rows have values there). t_i = the (k - c_gt)-th largest candidate
       (bisection on keys); the candidates >= t_i - delta complete D; theta = midpoint of the
       smallest hard negative and the largest other one. Where t_i is known (one-value bracket,
-      k = nneg) the hard negatives are counted directly. More than CAP = 256 distinct candidates:
+      k = nneg) the hard negatives are counted directly. More than CAP = 1024 distinct candidates:
       once more without the delta extension, then, if t_i - delta < lo, once more with t_i known.
 Rows finish together: a program runs its passes while any of its rows is open.
 
 `passes` = the sweeps over all N column tiles a program made (pass 1 also computes the sample's
 columns before it: at most N / 8 of them). Bound: 2 value passes, then key passes (each leaves at
 most 1/15 of the bracket's keys, plus one: 9 reach a single key from any bracket), then at most 3
-final passes: 14. Typical: 2 (N <= ~32768), 3 (N = 262144); many exact ties need key passes
+final passes: 14. Typical: 2 (N <= 262144), 3 (N = 1048576); many exact ties need key passes
 (benchmarks/supcon_selection_model.py; benchmarks/results/supcon-selection-passes.md).
 
 Scratch: per-row state [8, M, rows] int32 between the kernels and candidate buffers [M, rows, CAP]
@@ -53,7 +53,7 @@ from .supcon_passes import _count_pass, _final_pass, _masks, _sample_cols, _sele
 from .supcon_select import (CAP, CHUNK, KEY_PASSES, READY, VALUE_PASSES, Z, _canonical, _from_key, _key, _narrow,
                             _quantile, _sort_desc, sample_chunks)
 
-ROWS_PER_LAUNCH = 32768
+ROWS_PER_LAUNCH = 8192             # x CAP x 8 bytes of candidate buffers per modality
 
 # The interpreter costs per program x loop iteration: big tiles. It runs the first config of a
 # kernel's list (mcncl_fast/kernels/_common.py), which is this one for the three kernels and is never launched
@@ -197,7 +197,7 @@ def _supcon_sample_kernel(z_ptr, labels_ptr, k_ptr, nneg_ptr, state_ptr, N, D, r
 @triton.jit
 def _supcon_count_kernel(z_ptr, labels_ptr, k_ptr, nneg_ptr, state_ptr, N, D, row_start, row_count,
                         stride_m, stride_n, stride_d, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                        ONE_K: tl.constexpr, GROUPED: tl.constexpr):
+                        ONE_K: tl.constexpr, GROUPED: tl.constexpr, READY_: tl.constexpr):
     """Pass 1 and the counting passes: each row's bracket [lo, hi] narrowed until it holds <= READY
     negatives or a single value (then t_i is known)."""
     m = tl.program_id(1)
@@ -221,7 +221,7 @@ def _supcon_count_kernel(z_ptr, labels_ptr, k_ptr, nneg_ptr, state_ptr, N, D, ro
     npass = 1
 
     # ---- counting passes while a bracket holds more than READY negatives (value, then key bins)
-    active = has & (known == 0) & (c_in > READY)
+    active = has & (known == 0) & (c_in > READY_)
     n_active = tl.sum(active.to(tl.int32), axis=0)
     while n_active > 0:
         if npass < VALUE_PASSES:
@@ -238,7 +238,7 @@ def _supcon_count_kernel(z_ptr, labels_ptr, k_ptr, nneg_ptr, state_ptr, N, D, ro
                                          mult, small, False)
         t = tl.where(active & (lo == hi), _from_key(lo), t)
         known = known | (active & (lo == hi))
-        active = has & (known == 0) & (c_in > READY)
+        active = has & (known == 0) & (c_in > READY_)
         npass += 1
         # never reached: from any bracket, KEY_PASSES key passes reach a single key
         n_active = tl.sum(active.to(tl.int32), axis=0) * (npass < VALUE_PASSES + KEY_PASSES).to(tl.int32)
@@ -258,7 +258,7 @@ def _supcon_count_kernel(z_ptr, labels_ptr, k_ptr, nneg_ptr, state_ptr, N, D, ro
 def _supcon_final_kernel(z_ptr, labels_ptr, k_ptr, nneg_ptr, delta_ptr, state_ptr, cand_ptr, mult_ptr, theta_ptr,
                         logd_ptr, possum_ptr, passes_ptr, N, D, row_start, row_count, stride_m, stride_n,
                         stride_d, out_stride, passes_stride, inv_tau, BM: tl.constexpr, BN: tl.constexpr,
-                        BK: tl.constexpr, ONE_K: tl.constexpr):
+                        BK: tl.constexpr, ONE_K: tl.constexpr, CAP_: tl.constexpr):
     """The final passes: D_i, theta_i. Mode 0: t_i known (hard: s >= t_i - delta); 1: candidates
     are the negatives in [lo - delta, hi]; 2: in [lo, hi] (after more than CAP distinct in 1)."""
     m = tl.program_id(1)
@@ -277,7 +277,7 @@ def _supcon_final_kernel(z_ptr, labels_ptr, k_ptr, nneg_ptr, delta_ptr, state_pt
     maxall = tl.load(state + SHIFT * plane, mask=rmask, other=0).to(tl.float32, bitcast=True)
     possum = tl.load(state + POSSUM * plane, mask=rmask, other=0).to(tl.float32, bitcast=True)
     npass = tl.max(tl.load(state + NPASS * plane, mask=rmask, other=0), axis=0)
-    scratch = (m.to(tl.int64) * row_count + local) * CAP  # this row's candidate buffer
+    scratch = (m.to(tl.int64) * row_count + local) * CAP_  # this row's candidate buffer
     cand_row = cand_ptr + scratch
     mult_row = mult_ptr + scratch
 
@@ -296,9 +296,9 @@ def _supcon_final_kernel(z_ptr, labels_ptr, k_ptr, nneg_ptr, delta_ptr, state_pt
         low = tl.where(collect, tl.where(mode == 1, lo_v - delta, lo_v), float("inf"))
         sum_e, min_above, max_below, n_cand = _final_pass(
             a, z_m, labels_ptr, rows, lab_i, above_from, low, c2, off, cand_row, mult_row, N, D, stride_n, stride_d,
-            BM, BN, BK, ONE_K)
+            BM, BN, BK, ONE_K, CAP_)
         tl.debug_barrier()                                 # the candidates are read back by other threads
-        ok = collect & (n_cand <= CAP)
+        ok = collect & (n_cand <= CAP_)
         t_sel, sum_c, min_c, max_c = _select(cand_row, mult_row, n_cand, ok, k_i - c_gt, lo, hi, delta, c2, off, BM)
         fin0 = (done == 0) & (mode == 0)
         fin_c = (done == 0) & (((mode == 1) & ok) | ((mode == 2) & (t_sel - delta >= lo_v)))
@@ -328,7 +328,8 @@ def _supcon_final_kernel(z_ptr, labels_ptr, k_ptr, nneg_ptr, delta_ptr, state_pt
 
 
 def supcon_fwd(z: torch.Tensor, labels: torch.Tensor, k: torch.Tensor, nneg: torch.Tensor,
-                   delta: torch.Tensor, temperature: float, row_start: int = 0, row_count=None, out=None):
+                   delta: torch.Tensor, temperature: float, row_start: int = 0, row_count=None, out=None, *,
+                   ready: int = READY.value, cap: int = CAP.value):
     """Forward of anchors [row_start, row_start + row_count) of z [M, N, D] against all N rows.
 
     z: float32 / float16 / bfloat16, any strides. labels: int32 [N] class ids >= 0, or -1 for an
@@ -338,12 +339,16 @@ def supcon_fwd(z: torch.Tensor, labels: torch.Tensor, k: torch.Tensor, nneg: tor
     exponentials are shifted by each row's largest negative or positive similarity.
     Returns (theta, logd, possum, passes): float32 [M, row_count] x 3 (`out` = preallocated
     buffers for them, unit stride along rows) and int32 [M, cdiv(row_count, BM)]: the sweeps
-    over all column tiles each program made (see the module docstring).
+    over all column tiles each program made (see the module docstring). ready / cap: the bracket
+    size at which a row's final pass starts and its candidate slots (smaller ones: more counting
+    passes and fallbacks; the tests use them to reach those paths at small N).
     """
     m, n, d = z.shape
     row_count = n - row_start if row_count is None else row_count
     if not (0 <= row_start and 0 <= row_count and row_start + row_count <= n):
         raise ValueError(f"row range [{row_start}, {row_start} + {row_count}) outside [0, {n})")
+    if not 1 <= ready <= cap:
+        raise ValueError(f"ready must be in [1, cap], got ready={ready}, cap={cap}")
     if out is None:
         out = tuple(empty((m, row_count), z, torch.float32) for _ in range(3))
     theta, logd, possum = out
@@ -357,8 +362,8 @@ def supcon_fwd(z: torch.Tensor, labels: torch.Tensor, k: torch.Tensor, nneg: tor
     delta = delta.to(device=z.device, dtype=torch.float32).contiguous()
     rows = min(row_count, ROWS_PER_LAUNCH)
     state = empty((STATE_FIELDS, m, rows), z, torch.int32)
-    cand = empty((m, rows, CAP), z, torch.float32)
-    mult = empty((m, rows, CAP), z, torch.int32)
+    cand = empty((m, rows, cap), z, torch.float32)
+    mult = empty((m, rows, cap), z, torch.int32)
     bk = block_k(d, z.dtype)
     one_k, grouped = tile_options(z, d, bk)
     strides = (z.stride(0), z.stride(1), z.stride(2))
@@ -369,9 +374,9 @@ def supcon_fwd(z: torch.Tensor, labels: torch.Tensor, k: torch.Tensor, nneg: tor
         _supcon_sample_kernel[sample_grid](z, labels, k, nneg, state, n, d, row_start + r0, count, sample_chunks(n),
                                            *strides, BK=bk, ONE_K=one_k)
         _supcon_count_kernel[grid](z, labels, k, nneg, state, n, d, row_start + r0, count, *strides, BK=bk,
-                                   ONE_K=one_k, GROUPED=grouped)
+                                   ONE_K=one_k, GROUPED=grouped, READY_=ready)
         _supcon_final_kernel[grid](z, labels, k, nneg, delta, state, cand, mult, theta[:, r0:], logd[:, r0:],
                                    possum[:, r0:], passes[:, r0 // bm:], n, d, row_start + r0, count, *strides,
-                                   theta.stride(0), passes.stride(0), 1.0 / temperature, BK=bk, ONE_K=one_k)
+                                   theta.stride(0), passes.stride(0), 1.0 / temperature, BK=bk, ONE_K=one_k, CAP_=cap)
     return theta, logd, possum, passes
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .supcon_select import (CAP, _flush, _from_key, _hist_part, _kbin, _key, _key_params, _value_params,
+from .supcon_select import (_flush, _from_key, _hist_part, _kbin, _key, _key_params, _value_params,
                             _vbin)
 
 
@@ -97,7 +97,8 @@ def _count_pass(a, z_m, labels_ptr, rows, lab_i, active, lo, hi, N, D, stride_n,
 
 @triton.jit
 def _final_pass(a, z_m, labels_ptr, rows, lab_i, above_from, low, c2, off, cand_row, mult_row, N, D,
-                stride_n, stride_d, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, ONE_K: tl.constexpr):
+                stride_n, stride_d, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, ONE_K: tl.constexpr,
+                CAP: tl.constexpr):
     """Sum of exp over the positives and the negatives s >= above_from, their smallest, the
     largest negative below both; the distinct negatives in [low, above_from) with their
     multiplicities go to the candidate buffer (per tile, the largest not yet taken, repeatedly)."""

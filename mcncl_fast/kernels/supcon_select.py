@@ -21,8 +21,11 @@ CHUNK = tl.constexpr(32)            # sample columns per sorted chunk
 SAMPLE_DIV = tl.constexpr(8)        # the sample takes about N / SAMPLE_DIV columns ...
 MAX_CHUNKS = tl.constexpr(256)      # ... in at most MAX_CHUNKS chunks of CHUNK
 Z = tl.constexpr(4.0)               # the sample's bracket: quantiles p -/+ Z standard errors
-CAP = tl.constexpr(256)             # candidate slots (distinct values) per row in the final pass
-READY = tl.constexpr(200)           # a row's final pass starts once its bracket holds <= READY negatives
+# A row's final pass starts once its bracket holds <= READY negatives; its candidates (distinct values,
+# with multiplicities) take up to CAP slots. READY ~ 5x the 200 of a 16-bin cut: one counting pass
+# fewer (pass 1 leaves ~670 at N = 262144), bought with larger candidate buffers (launches of fewer rows).
+CAP = tl.constexpr(1024)            # candidate slots (distinct values) per row in the final pass
+READY = tl.constexpr(960)           # default `ready` of supcon_fwd
 VALUE_PASSES = tl.constexpr(2)      # counting passes 1..VALUE_PASSES bin by value, later ones by key
 KEY_PASSES = tl.constexpr(9)        # key passes reach a single key within 9 from any bracket
 KEY_NEG_INF = tl.constexpr(0x007FFFFF)
