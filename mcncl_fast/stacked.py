@@ -22,23 +22,47 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ._autocast import matmul_class
+from .kernels._common import interpreting
 
 __all__ = ["StackedParameters", "stacked_linear", "stacked_layer_norm", "dropout", "streams", "tokens"]
+
+
+def _per_group_gemms(x) -> bool:
+    """CPU (not the Triton interpreter, not compiling): one mm per stream into a slice of the output. On the
+    CPU a batched GEMM over the strided stream views runs slower than the same GEMMs one by one (measured
+    with benchmarks/cpu_step_compare.py); on a GPU one launch wins."""
+    return x.device.type == "cpu" and not interpreting() and not torch.compiler.is_compiling()
 
 
 class _StackedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias):
         ctx.save_for_backward(x, weight)
+        if _per_group_gemms(x):
+            out = x.new_empty((x.shape[0], x.shape[1], weight.shape[1]))
+            for g in range(x.shape[0]):
+                torch.addmm(bias[g], x[g], weight[g].t(), out=out[g])
+            return out
         return torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
 
     @staticmethod
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
-        grad_x = torch.bmm(grad, weight) if ctx.needs_input_grad[0] else None
-        # gᵀ·x, not xᵀ·g: the gradient is born in the weight's own layout, so the weight's slice of
-        # the StackedWeights backward concatenation (and each parameter's .grad) is a plain view
-        grad_w = torch.bmm(grad.transpose(1, 2), x) if ctx.needs_input_grad[1] else None
+        grad_x = grad_w = None
+        # gᵀ·x, not xᵀ·g: the gradient is born in the weight's own layout (no transposing copy)
+        if _per_group_gemms(grad):
+            groups = range(x.shape[0])
+            if ctx.needs_input_grad[0]:
+                grad_x = x.new_empty(x.shape)
+                for g in groups:
+                    torch.mm(grad[g], weight[g], out=grad_x[g])
+            if ctx.needs_input_grad[1]:
+                grad_w = weight.new_empty(weight.shape)
+                for g in groups:
+                    torch.mm(grad[g].t(), x[g], out=grad_w[g])
+        else:
+            grad_x = torch.bmm(grad, weight) if ctx.needs_input_grad[0] else None
+            grad_w = torch.bmm(grad.transpose(1, 2), x) if ctx.needs_input_grad[1] else None
         grad_b = grad.sum(1) if ctx.needs_input_grad[2] else None
         return grad_x, grad_w, grad_b
 
