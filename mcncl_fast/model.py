@@ -1,13 +1,14 @@
 """`mcncl_fast.Model`: the reference model with its hot paths on the fast ops, three streams as one.
 
-Same parameters, `state_dict` keys and `named_parameters` as `mcncl_fast.reference.Model` (it is a
-subclass and keeps the reference's per-stream modules): checkpoints and optimizer states move freely
-between the two. What differs is how a step runs. A GPU step at MELD scale is bound by kernel
-launches, so the MCN layers and projection heads run the three modality streams stacked
-(`mcncl_fast.stacked`): each step lays the per-stream weights out stacked with one concatenation,
-then every projection, FFN, LayerNorm and dropout is one batched op for t, a and v, and each
-sub-layer's three cross-attentions are one grouped launch. The state is kept token-major
-[B, S, 3, d]: the classifier's concat(F_t, F_a, F_v) is then a free view.
+Same parameters and `state_dict` keys as `mcncl_fast.reference.Model` (it is a subclass, initialised
+as the reference): checkpoints move freely between the two. The MCN layers and projection heads store
+their per-stream weights stacked over the three streams (`mcncl_fast.stacked.StackedParameters`: one
+[3, ...] or [6, ...] parameter per group, saved and loaded under the per-stream keys), so
+`named_parameters` and optimizer states differ from the reference's in those modules. A GPU step at
+MELD scale is bound by kernel launches and a CPU step by its memory traffic: the three modality streams
+run stacked, every projection, FFN, LayerNorm and dropout one batched op for t, a and v on the stored
+parameters (no per-step concatenation), and each sub-layer's three cross-attentions one grouped launch.
+The state is kept token-major [B, S, 3, d]: the classifier's concat(F_t, F_a, F_v) is then a free view.
 
 Dropout draws one mask over the stacked streams, so with dropout > 0 the random numbers differ from
 the reference's per-stream draws (the distribution is the same); compare the two in eval mode or
@@ -15,7 +16,7 @@ with dropout = 0. The dropout probability is `config.dropout`.
 """
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 from . import ops as fast_ops
 from .reference import model as reference_model
 from .reference.model import MODALITIES, PARTNERS, ModelConfig, ModelOutput
-from .stacked import StackedWeights, dropout, stacked_layer_norm, stacked_linear, streams, tokens
+from .stacked import StackedParameters, dropout, stacked_layer_norm, stacked_linear, streams, tokens
 
 __all__ = ["Model", "ModelConfig", "ModelOutput"]
 
@@ -36,13 +37,20 @@ class Model(reference_model.Model):
     ops = fast_ops
 
     def __init__(self, config=None):
-        super().__init__(config)
+        super().__init__(config)      # the reference's per-stream modules, initialised as the reference's
         # a buffer, not state: index_select on the device without a host-to-device copy per step
         self.register_buffer("kv_source_index", torch.tensor(KV_SOURCES), persistent=False)
+        self.norm_eps = self.layers[0]["t"].norms[0].eps
+        mcn, heads = self._stacked_groups()
+        # the per-stream modules give way to their stacked parameters (same values, same state_dict keys)
+        self.layers = StackedParameters(*mcn)
+        self.heads = StackedParameters(*heads)
 
     # -- stacked weights -----------------------------------------------------------------
-    def stacked_parameters(self) -> Dict[str, torch.Tensor]:
-        """The MCN's and projection heads' per-stream weights stacked over streams (one concatenation).
+    def _stacked_groups(self):
+        """The MCN's and projection heads' per-stream weights grouped as they are stored stacked:
+        -> (MCN groups, MCN keys in order), (head groups, head keys in order), keys relative to "layers." /
+        "heads.".
 
         Per layer l: q{s}/o{s} (query / output projections of sub-layer s) [3, d, d] and [3, d],
         norm{j} [3, d], ffn1 [3, 4d, d], ffn2 [3, d, 4d]. Key/value projections, rows (sub-layer,
@@ -50,33 +58,52 @@ class Model(reference_model.Model):
         key|value), with "layer" one "{l}.kv" [6, 2d, d] per layer. Heads: fc1 [3, d, d], fc2 [3, P, d].
         """
         cfg = self.config
-        plan = StackedWeights()
+        mcn, head = [], []
+        mcn_keys = {id(p): k for k, p in self.layers.named_parameters()}
+        head_keys = {id(p): k for k, p in self.heads.named_parameters()}
 
-        def add(name, modules, rows):       # weight and bias of each module, stacked in the order given
+        def add(groups, keys, name, modules, rows):   # weight and bias of each module, stacked in the order given
             weight_shape = modules[0].weight.shape
-            plan.add(f"{name}.w", [m.weight for m in modules], (rows, -1, *weight_shape[1:]))
-            plan.add(f"{name}.b", [m.bias for m in modules], (rows, -1))
+            groups.append((f"{name}.w", [(keys[id(m.weight)], m.weight) for m in modules],
+                           (rows, -1, *weight_shape[1:])))
+            groups.append((f"{name}.b", [(keys[id(m.bias)], m.bias) for m in modules], (rows, -1)))
 
         kv = []
         for l, layer in enumerate(self.layers):
             cells = [layer[m] for m in MODALITIES]
             for sub in range(2):
-                add(f"{l}.q{sub}", [c.attn[sub].q_proj for c in cells], 3)
-                add(f"{l}.o{sub}", [c.attn[sub].out_proj for c in cells], 3)
+                add(mcn, mcn_keys, f"{l}.q{sub}", [c.attn[sub].q_proj for c in cells], 3)
+                add(mcn, mcn_keys, f"{l}.o{sub}", [c.attn[sub].out_proj for c in cells], 3)
             for j in range(3):
-                add(f"{l}.norm{j}", [c.norms[j] for c in cells], 3)
-            add(f"{l}.ffn1", [c.ffn[0] for c in cells], 3)
-            add(f"{l}.ffn2", [c.ffn[3] for c in cells], 3)
+                add(mcn, mcn_keys, f"{l}.norm{j}", [c.norms[j] for c in cells], 3)
+            add(mcn, mcn_keys, f"{l}.ffn1", [c.ffn[0] for c in cells], 3)
+            add(mcn, mcn_keys, f"{l}.ffn2", [c.ffn[3] for c in cells], 3)
             kv.append([[c.attn[sub].k_proj, c.attn[sub].v_proj] for sub in range(2) for c in cells])
             if cfg.kv_source == "layer":
-                add(f"{l}.kv", [proj for row in kv[l] for proj in row], 6)
+                add(mcn, mcn_keys, f"{l}.kv", [proj for row in kv[l] for proj in row], 6)
         if cfg.kv_source == "input":
             # keys / values read the unimodal features, the same in every layer: one GEMM serves all
             # layers; row (sub-layer, stream) holds every layer's key and value weights
-            add("kv", [proj for row in range(6) for layer_kv in kv for proj in layer_kv[row]], 6)
-        add("fc1", [self.heads[m].fc1 for m in MODALITIES], 3)
-        add("fc2", [self.heads[m].fc2 for m in MODALITIES], 3)
-        return plan.build()
+            add(mcn, mcn_keys, "kv", [proj for row in range(6) for layer_kv in kv for proj in layer_kv[row]], 6)
+        add(head, head_keys, "fc1", [self.heads[m].fc1 for m in MODALITIES], 3)
+        add(head, head_keys, "fc2", [self.heads[m].fc2 for m in MODALITIES], 3)
+        return (mcn, list(mcn_keys.values())), (head, list(head_keys.values()))
+
+    def stacked_parameters(self) -> Dict[str, torch.Tensor]:
+        """The MCN's and heads' stacked parameters by group name (see `_stacked_groups`)."""
+        return {**self.layers.tensors(), **self.heads.tensors()}
+
+    def per_stream_gradients(self) -> Dict[str, Optional[torch.Tensor]]:
+        """Every parameter's gradient under the reference's parameter names (views of the stacked
+        gradients), in the reference's order: what `reference.Model.named_parameters()` would give."""
+        grads = {}
+        for prefix, module in self.named_children():
+            if isinstance(module, StackedParameters):
+                stacked = {name: p.grad for name, p in module.named_parameters()}
+                grads.update({f"{prefix}.{key}": g for key, g in module.per_stream(stacked).items()})
+            else:
+                grads.update({f"{prefix}.{name}": p.grad for name, p in module.named_parameters()})
+        return grads
 
     # -- forward -------------------------------------------------------------------------
     def _project_kv(self, x, weights, name):
@@ -100,7 +127,7 @@ class Model(reference_model.Model):
         y = dropout(y, self.config.dropout, self.training)
         # x first: the sum takes x's token-major layout, which group_norm reads as [B·S, 3d] in place
         return stacked_layer_norm(x + tokens(y, b, s), weights[f"{name}.w"], weights[f"{name}.b"],
-                                  self.layers[0]["t"].norms[0].eps)
+                                  self.norm_eps)
 
     def fuse_stacked(self, unimodal, utterance_mask, weights=None):
         """`fuse` with the streams stacked: -> F(T) as one token-major tensor [B, S, 3, d] (t, a, v)."""

@@ -43,6 +43,7 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, captu
 def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
     """Load an AdamW state saved in any run mode (capturable or not, fused or not) into this optimizer's."""
     groups = optimizer.param_groups
+    _check_same_parameters(groups, state)
     modes = [{key: g[key] for key in RUN_MODE if key in g} for g in groups]
     lr_is_tensor = [isinstance(g["lr"], torch.Tensor) for g in groups]
     state = {**state, "param_groups": [{**saved, "lr": float(saved["lr"]), **mode}
@@ -52,6 +53,23 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
         if tensor:
             device = group["params"][0].device
             group["lr"] = torch.tensor(group["lr"], dtype=torch.float32, device=device)
+
+
+def _check_same_parameters(groups, state: dict) -> None:
+    """A state saved for other parameters (another model, or mcncl_fast.Model before it stored the three
+    streams' MCN and head weights stacked) is refused with a UserError instead of torch's size errors."""
+    saved_groups = state.get("param_groups", [])
+    shapes = [tuple(p.shape) for g in groups for p in g["params"]]
+    saved_ids = [i for g in saved_groups for i in g["params"]]
+    saved_shapes = [tuple(state["state"][i]["exp_avg"].shape) if "exp_avg" in state.get("state", {}).get(i, {})
+                    else None for i in saved_ids]
+    sizes = [len(g["params"]) for g in saved_groups], [len(g["params"]) for g in groups]
+    same = (sizes[0] == sizes[1] and all(saved is None or saved == now for saved, now in zip(saved_shapes, shapes)))
+    if not same:
+        raise UserError(f"optimizer state: saved for {len(saved_ids)} parameters, this model has {len(shapes)} "
+                        f"of other shapes (a checkpoint of the reference model, or of mcncl_fast.Model before it "
+                        f"stored the MCN and head weights stacked?); its model weights load with load_state_dict, "
+                        f"its optimizer state cannot be resumed")
 
 
 class TrainStep:
