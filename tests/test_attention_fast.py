@@ -471,11 +471,13 @@ def test_fast_model_matches_reference_model(device, kv_source, monkeypatch):
     out_fast.loss.backward()
     out_slow.loss.backward()
     slow_params = dict(slow.named_parameters())
-    for name, p in fast.named_parameters():
+    fast_grads = fast.per_stream_gradients()          # the stacked weights' gradients under the reference's names
+    assert list(fast_grads) == list(slow_params)
+    for name, grad in fast_grads.items():
         if name.endswith("k_proj.bias"):
             # softmax ignores a per-row constant, so this gradient is 0 up to rounding: compare it
             # in absolute terms, against the scale of the k_proj.weight gradient
             scale = slow_params[name.replace("bias", "weight")].grad.norm()
-            assert (p.grad - slow_params[name].grad).norm() < TOLERANCE[torch.float32] * scale, name
+            assert (grad - slow_params[name].grad).norm() < TOLERANCE[torch.float32] * scale, name
             continue
-        assert_close_rel(p.grad, slow_params[name].grad, torch.float32, name)
+        assert_close_rel(grad, slow_params[name].grad, torch.float32, name)
